@@ -1,0 +1,139 @@
+"""Reverie's configuration: one pydantic model, loaded from ``config.yaml``.
+
+Every key is documented in the project's ``config.yaml``; a key that is not known is an
+error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from reverie.paths import Paths
+
+ROLES = ("dreamer", "verifier", "reshaper", "persona", "student")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuntimeConfig(_Strict):
+    """How local MLX models run."""
+
+    openblas: Literal["auto", "off"] = "auto"
+    weights: Literal["auto", "float32", "quantized"] = "auto"
+    completion_batch_size: int = Field(32, ge=1)
+    prefill_batch_size: int = Field(8, ge=1)
+    prefill_step_size: int = Field(512, ge=16)
+
+
+class ModelsConfig(_Strict):
+    """Named models and where fetched files are cached."""
+
+    cache_dir: Path | None = None
+    chat: dict[str, str] = Field(default_factory=lambda: {"default": "embedded:smollm2-135m-instruct"})
+    embedding: str = "embedded:all-minilm-l6-v2"
+
+
+class RoleConfig(_Strict):
+    """Which model an agent role uses and its default sampling settings."""
+
+    model: str = "default"
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, lt=1.0)
+    max_tokens: int = Field(256, ge=1)
+
+
+def _default_roles() -> dict[str, RoleConfig]:
+    return {
+        "dreamer": RoleConfig(temperature=1.2, top_p=0.95, min_p=0.05, max_tokens=384),
+        "verifier": RoleConfig(temperature=0.1, max_tokens=256),
+        "reshaper": RoleConfig(temperature=0.5, top_p=0.9, max_tokens=256),
+        "persona": RoleConfig(temperature=0.2, max_tokens=256),
+        "student": RoleConfig(temperature=0.0, max_tokens=256),
+    }
+
+
+class StructuredConfig(_Strict):
+    """Structured output: tries before an agent's call fails."""
+
+    attempts: int = Field(3, ge=1)
+
+
+class Settings(_Strict):
+    """The whole configuration (see ``config.yaml`` for each key's meaning)."""
+
+    data_dir: Path = Path("data")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    roles: dict[str, RoleConfig] = Field(default_factory=_default_roles)
+    structured: StructuredConfig = Field(default_factory=StructuredConfig)
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> "Settings":
+        for name, role in self.roles.items():
+            if name not in ROLES:
+                raise ValueError(f"roles.{name}: unknown role (known: {', '.join(ROLES)})")
+            if role.model not in self.models.chat:
+                raise ValueError(f"roles.{name}.model: {role.model!r} is not a key of models.chat "
+                                 f"({', '.join(self.models.chat)})")
+        for name in ROLES:
+            self.roles.setdefault(name, _default_roles()[name])
+        return self
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.data_dir, self.models.cache_dir)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or does not validate; names file and key."""
+
+
+def load_settings(path: str | Path | None = None, **overrides) -> Settings:
+    """Load settings from a YAML file.
+
+    Args:
+        path: the YAML file; ``None`` uses ``./config.yaml`` when it exists, else defaults.
+        **overrides: top-level keys that replace the file's (e.g. ``data_dir=tmp``).
+
+    Relative ``data_dir`` and ``models.cache_dir`` are taken relative to the file's folder.
+
+    Raises:
+        ConfigError: the file is missing (when named), is not YAML, or a key is invalid;
+            the message names the file and each bad key.
+    """
+    base = Path.cwd()
+    raw: dict = {}
+    if path is None and Path("config.yaml").exists():
+        path = Path("config.yaml")
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such configuration file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        base = path.resolve().parent
+    if overrides.get("data_dir") is not None:
+        overrides["data_dir"] = Path(overrides["data_dir"]).resolve()
+    raw.update(overrides)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        where = path or "settings"
+        lines = [f"{where}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
+    if not settings.data_dir.is_absolute():
+        settings.data_dir = base / settings.data_dir
+    if settings.models.cache_dir is not None and not settings.models.cache_dir.is_absolute():
+        settings.models.cache_dir = base / settings.models.cache_dir
+    return settings

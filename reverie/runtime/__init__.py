@@ -1,0 +1,1 @@
+"""The model runtime: loading, generation, chat models, structured output, embeddings."""
