@@ -1,0 +1,246 @@
+"""Continuous batching of generation requests over one loaded MLX model.
+
+The night makes hundreds of small agent calls; on a CPU, running them one at a time leaves
+most of each forward pass's matrix work unused. An :class:`Engine` owns one mlx-lm
+``BatchGenerator`` on a worker thread: callers from any thread (or event loop) submit token
+prompts and receive tokens as they are produced, while requests that overlap in time share
+forward passes. Each request keeps its own sampler (temperature, top_p, min_p) and logits
+processors (e.g. a grammar mask for structured output).
+
+All MLX work happens on the worker thread, so callers never touch MLX state concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class Token:
+    """One generated token: ``finish_reason`` is ``None``, ``"stop"`` (an end-of-sequence
+    token, not part of the text) or ``"length"`` (``max_tokens`` reached)."""
+
+    id: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    max_tokens: int
+    sampler: Any
+    processors: list[LogitsProcessor]
+    deliver: Callable[[Token | BaseException], None]
+    uid: int | None = None
+    cancelled: bool = False
+
+
+class GenerationError(RuntimeError):
+    """Generation failed inside the engine (the original exception is the ``__cause__``)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings (mlx-lm's ``make_sampler``); ``temperature`` 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def key(self) -> tuple[float, float, float]:
+        return (float(self.temperature), float(self.top_p), float(self.min_p))
+
+
+class Handle:
+    """A submitted request: iterate it for :class:`Token` objects; ``cancel()`` stops it."""
+
+    def __init__(self, engine: "Engine", request: _Request, source):
+        self._engine, self._request, self._source = engine, request, source
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._request)
+
+    def __iter__(self) -> Iterator[Token]:
+        while True:
+            item = self._source.get()
+            if isinstance(item, BaseException):
+                raise GenerationError(str(item)) from item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        while True:
+            item = await self._source.get()
+            if isinstance(item, BaseException):
+                raise GenerationError(str(item)) from item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+@dataclass
+class Engine:
+    """Owns a model and a worker thread that batches every request submitted to it.
+
+    Args:
+        model: an mlx-lm model (``nn.Module`` returning logits of shape (B, L, vocab)).
+        eos_token_ids: token ids that end a sequence (finish reason ``"stop"``).
+        completion_batch_size: most sequences decoded together (mlx-lm's default 32).
+        prefill_batch_size: most prompts prefilled together.
+        prefill_step_size: prompt tokens per prefill chunk (bounds peak memory).
+    """
+
+    model: Any
+    eos_token_ids: Sequence[int]
+    completion_batch_size: int = 32
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 512
+    _inbox: "queue.Queue[_Request | None]" = field(default_factory=queue.Queue, repr=False)
+    _samplers: dict = field(default_factory=dict, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    stats: dict = field(default_factory=lambda: {"prompt_tokens": 0, "generated_tokens": 0,
+                                                 "steps": 0, "max_batch": 0}, repr=False)
+
+    # -- submitting -------------------------------------------------------------------
+    def submit(self, prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None,
+               processors: Sequence[LogitsProcessor] = ()) -> Handle:
+        """Queue a prompt (token ids) for generation; returns a blocking-iterable handle."""
+        source: queue.Queue = queue.Queue()
+        return self._submit(prompt, max_tokens, sampling, processors, source, source.put)
+
+    def asubmit(self, prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None,
+                processors: Sequence[LogitsProcessor] = ()) -> Handle:
+        """Like :meth:`submit`, for the running event loop: iterate with ``async for``."""
+        loop = asyncio.get_running_loop()
+        source: asyncio.Queue = asyncio.Queue()
+        return self._submit(prompt, max_tokens, sampling, processors, source,
+                            lambda item: loop.call_soon_threadsafe(source.put_nowait, item))
+
+    def generate(self, prompt: list[int], max_tokens: int,
+                 sampling: SamplingParams | None = None,
+                 processors: Sequence[LogitsProcessor] = ()) -> list[Token]:
+        """Blocking: all tokens of one request, the last one carrying the finish reason."""
+        return list(self.submit(prompt, max_tokens, sampling, processors))
+
+    def _submit(self, prompt, max_tokens, sampling, processors, source, deliver) -> Handle:
+        if not prompt:
+            raise ValueError("empty prompt: at least one token is needed")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        request = _Request(list(prompt), int(max_tokens), self._sampler(sampling or SamplingParams()),
+                           list(processors), deliver)
+        self._ensure_thread()
+        self._inbox.put(request)
+        return Handle(self, request, source)
+
+    def _sampler(self, sampling: SamplingParams):
+        # One sampler object per setting: rows sharing it are sampled in one batched call.
+        key = sampling.key()
+        with self._lock:
+            if key not in self._samplers:
+                temp, top_p, min_p = key
+                self._samplers[key] = make_sampler(temp=temp, top_p=top_p if top_p < 1.0 else 0.0,
+                                                   min_p=min_p)
+            return self._samplers[key]
+
+    def _cancel(self, request: _Request) -> None:
+        request.cancelled = True
+        self._inbox.put(None)  # wake the worker
+
+    def close(self) -> None:
+        """Stop the worker thread after the requests in flight (idempotent)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._inbox.put(_STOP)
+            thread.join()
+        self._thread = None
+
+    # -- the worker -------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="reverie-engine",
+                                                daemon=True)
+                self._thread.start()
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(self.model, max_tokens=1,
+                              stop_tokens=[[t] for t in self.eos_token_ids],
+                              completion_batch_size=self.completion_batch_size,
+                              prefill_batch_size=self.prefill_batch_size,
+                              prefill_step_size=self.prefill_step_size)
+
+    def _run(self) -> None:
+        gen = self._new_generator()
+        active: dict[int, _Request] = {}
+        while True:
+            # Block only when idle; otherwise take whatever arrived since the last step.
+            incoming = [self._inbox.get()] if not active else []
+            while True:
+                try:
+                    incoming.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if any(r is _STOP for r in incoming) and not active:
+                return
+            new = [r for r in incoming if isinstance(r, _Request) and not r.cancelled]
+            if new:
+                uids = gen.insert([r.prompt for r in new], max_tokens=[r.max_tokens for r in new],
+                                  samplers=[r.sampler for r in new],
+                                  logits_processors=[r.processors for r in new])
+                for uid, r in zip(uids, new):
+                    r.uid = uid
+                    active[uid] = r
+                    self.stats["prompt_tokens"] += len(r.prompt)
+            gone = [uid for uid, r in active.items() if r.cancelled]
+            if gone:
+                gen.remove(gone)
+                for uid in gone:
+                    del active[uid]
+            if not active:
+                if any(r is _STOP for r in incoming):
+                    return
+                continue
+            try:
+                responses = gen.next_generated()
+            except Exception as exc:  # a processor or the model failed: fail the batch, go on
+                for r in active.values():
+                    r.deliver(exc)
+                active.clear()
+                gen.close()
+                gen = self._new_generator()
+                continue
+            self.stats["steps"] += 1
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(responses))
+            for resp in responses:
+                r = active.get(resp.uid)
+                if r is None:
+                    continue
+                self.stats["generated_tokens"] += 1
+                r.deliver(Token(int(resp.token), resp.finish_reason))
+                if resp.finish_reason is not None:
+                    del active[resp.uid]
+            if any(r is _STOP for r in incoming):
+                self._inbox.put(_STOP)  # stop once the requests in flight are done
+
+
+_STOP: Any = object()
+_ids = itertools.count()

@@ -1,0 +1,196 @@
+"""Structured output: pydantic objects from chat models, valid even from a 135M model.
+
+For MLX models, decoding is constrained by a JSON-schema grammar (llguidance computes the
+allowed-token mask for each step; the mask is applied on the CPU with NumPy + ``mx.where``,
+since llguidance's own MLX kernel is Metal-only). The text is then validated with pydantic:
+grammars do not enforce every constraint (e.g. numeric bounds), and generation can stop at
+``max_tokens`` mid-object. A failed attempt is retried (tenacity); after the last attempt a
+:class:`StructuredOutputError` names the role, the schema and what came back.
+
+Any other LangChain chat model goes through its own ``with_structured_output``, with the
+same retries and error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
+
+import mlx.core as mx
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from tenacity import Retrying, AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+# Compact separators with no free whitespace: small models otherwise pad JSON with
+# newlines until max_tokens runs out.
+JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+class StructuredOutputError(RuntimeError):
+    """A model did not return a valid object after every attempt.
+
+    Attributes:
+        role: the agent role that asked (e.g. ``"verifier"``), or ``None``.
+        schema: the schema's name.
+        raw: the last text the model returned.
+        attempts: how many attempts were made.
+    """
+
+    def __init__(self, role: str | None, schema: str, raw: str, attempts: int, reason: str):
+        self.role, self.schema, self.raw, self.attempts = role, schema, raw, attempts
+        shown = raw if len(raw) <= 400 else raw[:400] + f"... ({len(raw)} chars)"
+        super().__init__(f"role {role or '?'}: no valid {schema} after {attempts} attempt(s): "
+                         f"{reason}; last output: {shown!r}")
+
+
+class _Invalid(Exception):
+    def __init__(self, raw: str, reason: str):
+        super().__init__(reason)
+        self.raw, self.reason = raw, reason
+
+
+def schema_name(schema: Any) -> str:
+    if isinstance(schema, type):
+        return schema.__name__
+    return str(schema.get("title", "object")) if isinstance(schema, dict) else repr(schema)
+
+
+def json_schema(schema: type[BaseModel] | dict) -> dict:
+    """The JSON schema of a pydantic model class, or a JSON-schema dict unchanged."""
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return schema.model_json_schema()
+    if isinstance(schema, dict):
+        return schema
+    raise TypeError(f"schema must be a pydantic model class or a JSON-schema dict, got {schema!r}")
+
+
+def parse(schema: type[BaseModel] | dict, text: str) -> Any:
+    """Validate ``text`` (JSON) against ``schema``: a model instance, or a dict for a dict schema.
+
+    Raises:
+        ValueError: not JSON, or not valid for the schema (pydantic's message).
+    """
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            return schema.model_validate_json(text)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+
+
+class GrammarProcessor:
+    """An mlx-lm logits processor that masks every token the grammar does not allow next.
+
+    Called once per generated token with ``(tokens, logits)``, logits of shape (1, vocab);
+    from the second call on, ``tokens[-1]`` is the token sampled after the previous call,
+    which advances the grammar. Once the grammar is complete only end-of-sequence is allowed.
+
+    Args:
+        ll_tokenizer: an ``llguidance.LLTokenizer`` for the model's tokenizer.
+        grammar: an llguidance grammar (e.g. from ``LLMatcher.grammar_from_json_schema``).
+
+    Raises:
+        ValueError: the grammar does not compile.
+    """
+
+    def __init__(self, ll_tokenizer, grammar: str):
+        import llguidance
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ValueError(f"grammar does not compile: {self.matcher.get_error()}")
+        self.n_vocab = ll_tokenizer.vocab_size
+        self.mask = allocate_token_bitmask(1, self.n_vocab)
+        self.started = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        from llguidance.numpy import fill_next_token_bitmask
+
+        if self.started:
+            self.matcher.consume_token(int(tokens[-1].item()))
+        self.started = True
+        fill_next_token_bitmask(self.matcher, self.mask, 0)
+        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: self.n_vocab]
+        vocab = logits.shape[-1]
+        if vocab > self.n_vocab:  # padded embedding rows are never allowed
+            allowed = np.concatenate([allowed, np.zeros(vocab - self.n_vocab, np.uint8)])
+        return mx.where(mx.array(allowed[:vocab].astype(bool)), logits,
+                        mx.array(-float("inf"), logits.dtype))
+
+
+
+def _check(result: Any, schema) -> Any:
+    # MLXChatModel returns an AIMessage; other models' with_structured_output(include_raw=True)
+    # return {"raw", "parsed", "parsing_error"}.
+    if isinstance(result, dict) and "raw" in result:
+        raw = getattr(result["raw"], "content", "") or ""
+        if result.get("parsing_error") is not None or result.get("parsed") is None:
+            raise _Invalid(str(raw), str(result.get("parsing_error") or "no object returned"))
+        parsed = result["parsed"]
+        if isinstance(schema, type) and not isinstance(parsed, schema):
+            try:
+                parsed = schema.model_validate(parsed)
+            except ValidationError as exc:
+                raise _Invalid(str(raw), str(exc)) from exc
+        return parsed
+    text = getattr(result, "content", result)
+    try:
+        return parse(schema, text)
+    except ValueError as exc:
+        raise _Invalid(text, str(exc)) from exc
+
+
+def invoke_with_retries(invoke: Callable[[], Any], schema, role: str | None, attempts: int) -> Any:
+    """Call ``invoke()`` up to ``attempts`` times until its result validates against ``schema``.
+
+    Raises:
+        StructuredOutputError: every attempt failed; names role, schema and the last output.
+    """
+    try:
+        for attempt in Retrying(stop=stop_after_attempt(attempts), reraise=True,
+                                retry=retry_if_exception_type(_Invalid)):
+            with attempt:
+                return _check(invoke(), schema)
+    except _Invalid as exc:
+        raise StructuredOutputError(role, schema_name(schema), exc.raw, attempts, exc.reason) from exc
+
+
+async def ainvoke_with_retries(ainvoke, schema, role: str | None, attempts: int) -> Any:
+    """Async :func:`invoke_with_retries` (``ainvoke`` is a coroutine function)."""
+    try:
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
+                                           retry=retry_if_exception_type(_Invalid)):
+            with attempt:
+                return _check(await ainvoke(), schema)
+    except _Invalid as exc:
+        raise StructuredOutputError(role, schema_name(schema), exc.raw, attempts, exc.reason) from exc
+
+
+def structured(model, schema: type[BaseModel] | dict, role: str | None = None, attempts: int = 3):
+    """A runnable that turns messages into a validated ``schema`` object, for any chat model.
+
+    MLX chat models decode under a grammar; any other LangChain chat model uses its own
+    ``with_structured_output(schema, include_raw=True)``. Both retry ``attempts`` times and
+    then raise :class:`StructuredOutputError`.
+    """
+    from langchain_core.runnables import RunnableLambda
+
+    from reverie.runtime.chat_model import MLXChatModel
+
+    if isinstance(model, MLXChatModel):
+        return model.with_structured_output(schema, role=role, attempts=attempts)
+    inner = model.with_structured_output(schema, include_raw=True)
+
+    def call(messages):
+        return invoke_with_retries(lambda: inner.invoke(messages), schema, role, attempts)
+
+    async def acall(messages):
+        return await ainvoke_with_retries(lambda: inner.ainvoke(messages), schema, role, attempts)
+
+    return RunnableLambda(call, afunc=acall, name=f"structured[{schema_name(schema)}]")
