@@ -123,7 +123,8 @@ def load_settings(path: str | Path | None = None, **overrides) -> Settings:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         base = path.resolve().parent
-    if overrides.get("data_dir") is not None:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "data_dir" in overrides:  # given on the command line: relative to the working folder
         overrides["data_dir"] = Path(overrides["data_dir"]).resolve()
     raw.update(overrides)
     try:

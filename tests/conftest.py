@@ -32,3 +32,44 @@ def smollm2_dir(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir(model_cache) -> Path:
     return fetch.ensure_model(model_cache, fetch.MINILM)
+
+
+def tiny_llama(vocab_size: int = 512, seed: int = 0):
+    """A randomly initialised 2-layer llama (mlx-lm), for fast tests of mechanics."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                           intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           rms_norm_eps=1e-5, vocab_size=vocab_size, rope_traditional=True)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """SmolLM2's tokenizer, built from the GGUF metadata (no weights loaded)."""
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from reverie.runtime.gguf import build_tokenizer
+
+    path = next(smollm2_dir.glob("*.gguf"))
+    _, meta = mx.load(str(path), return_metadata=True)
+    return TokenizerWrapper(build_tokenizer(meta, path))
+
+
+@pytest.fixture(scope="session")
+def default_runtime(tmp_path_factory, model_cache):
+    """A Runtime on the real default models (session-wide: loaded once)."""
+    from reverie.config import load_settings
+    from reverie.runtime.models import Runtime
+
+    settings = load_settings(REPO / "config.yaml", data_dir=tmp_path_factory.mktemp("data"))
+    settings.models.cache_dir = model_cache
+    runtime = Runtime(settings)
+    yield runtime
+    runtime.close()

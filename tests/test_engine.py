@@ -1,0 +1,104 @@
+"""Continuous batching mechanics on a tiny random llama."""
+
+import asyncio
+import threading
+
+import mlx.core as mx
+import pytest
+
+from reverie.runtime.engine import Engine, GenerationError, SamplingParams
+
+from conftest import tiny_llama
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18], [20, 21]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def alone(model, prompt, n=12, **kw):
+    engine = Engine(model, eos_token_ids=[])
+    try:
+        return [t.id for t in engine.generate(prompt, n, **kw)]
+    finally:
+        engine.close()
+
+
+def test_concurrent_requests_share_steps_and_equal_single_runs(model):
+    expected = [alone(model, p) for p in PROMPTS]
+    engine = Engine(model, eos_token_ids=[])
+    handles = [engine.submit(p, 12) for p in PROMPTS]
+    got = [[t.id for t in h] for h in handles]
+    engine.close()
+    assert got == expected
+    assert engine.stats["max_batch"] > 1  # they really ran together
+    assert engine.stats["steps"] < sum(len(g) for g in got)
+
+
+def test_each_request_keeps_its_own_sampler(model):
+    greedy = alone(model, PROMPTS[0], 16)
+    engine = Engine(model, eos_token_ids=[])
+    hot = [engine.submit(PROMPTS[0], 16, SamplingParams(temperature=5.0)) for _ in range(3)]
+    cold = engine.submit(PROMPTS[0], 16)
+    hot_ids = [[t.id for t in h] for h in hot]
+    assert [t.id for t in cold] == greedy
+    assert any(h != greedy for h in hot_ids)
+    engine.close()
+
+
+def test_finish_reasons_length_and_stop(model):
+    ids = alone(model, PROMPTS[1], 6)
+    k = next(i for i in range(1, 6) if ids[i] not in ids[:i])  # a token not seen before
+    engine = Engine(model, eos_token_ids=[ids[k]])
+    tokens = engine.generate(PROMPTS[1], 6)
+    assert [t.id for t in tokens] == ids[: k + 1]
+    assert tokens[-1].finish_reason == "stop"
+    engine.close()
+    tokens = Engine(model, eos_token_ids=[]).generate(PROMPTS[1], 4)
+    assert len(tokens) == 4 and tokens[-1].finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_and_others_continue(model):
+    engine = Engine(model, eos_token_ids=[])
+    long = engine.submit(PROMPTS[2], 200)
+    short = engine.submit(PROMPTS[0], 8)
+    first = next(iter(long))
+    long.cancel()
+    assert len(list(short)) == 8
+    assert first.finish_reason is None
+    engine.close()
+
+
+def test_processor_error_fails_its_batch_but_not_the_engine(model):
+    def boom(tokens, logits):
+        raise RuntimeError("processor exploded")
+
+    engine = Engine(model, eos_token_ids=[])
+    with pytest.raises(GenerationError, match="processor exploded"):
+        engine.generate(PROMPTS[0], 4, processors=[boom])
+    assert [t.id for t in engine.generate(PROMPTS[0], 12)] == alone(model, PROMPTS[0])
+    engine.close()
+
+
+def test_async_submissions_batch_together(model):
+    expected = [alone(model, p) for p in PROMPTS]
+    engine = Engine(model, eos_token_ids=[])
+
+    async def run():
+        async def one(p):
+            return [t.id async for t in engine.asubmit(p, 12)]
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    assert asyncio.run(run()) == expected
+    assert engine.stats["max_batch"] > 1
+    engine.close()
+
+
+def test_bad_requests_are_refused(model):
+    engine = Engine(model, eos_token_ids=[])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit([], 4)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit([1], 0)
