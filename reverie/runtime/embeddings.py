@@ -290,11 +290,10 @@ class Embedder:
         self.tokenizer = tokenizer
         self._pad_id = tokenizer.token_to_id("[PAD]") or 0
 
-        def forward(ids: mx.array, mask: mx.array) -> mx.array:
-            return pool_and_normalize(model(ids, mask), mask)
-
-        # Recompiles once per (batch, seq) shape; the graph is small, tracing is cheap.
-        self._forward = mx.compile(forward)
+    def _forward(self, ids: mx.array, mask: mx.array) -> mx.array:
+        # Not mx.compile'd: on CPU it was no faster (the encoder is matmul-bound once GELU
+        # avoids mx.erf) and each new (batch, seq) shape cost ~2 s of compilation.
+        return pool_and_normalize(self.model(ids, mask), mask)
 
     @classmethod
     def load(cls, model_dir: Path | str) -> Embedder:
