@@ -13,9 +13,10 @@ All MLX work happens on the worker thread, so callers never touch MLX state conc
 from __future__ import annotations
 
 import asyncio
-import itertools
+import atexit
 import queue
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -95,7 +96,7 @@ class Handle:
                 return
 
 
-@dataclass
+@dataclass(eq=False)
 class Engine:
     """Owns a model and a worker thread that batches every request submitted to it.
 
@@ -180,15 +181,26 @@ class Engine:
                 self._thread = threading.Thread(target=self._run, name="reverie-engine",
                                                 daemon=True)
                 self._thread.start()
+                _ENGINES.add(self)
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(self.model, max_tokens=1,
                               stop_tokens=[[t] for t in self.eos_token_ids],
                               completion_batch_size=self.completion_batch_size,
                               prefill_batch_size=self.prefill_batch_size,
-                              prefill_step_size=self.prefill_step_size)
+                              prefill_step_size=self.prefill_step_size,
+                              # this thread's own stream: MLX streams are thread-local
+                              stream=mx.default_stream(mx.default_device()))
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # MLX keeps streams and compiled-function caches per thread; leaving them for
+            # process exit to destroy aborts the process now and then (MLX issue #3126).
+            mx.clear_streams()
+
+    def _loop(self) -> None:
         gen = self._new_generator()
         active: dict[int, _Request] = {}
         while True:
@@ -200,6 +212,7 @@ class Engine:
                 except queue.Empty:
                     break
             if any(r is _STOP for r in incoming) and not active:
+                gen.close()
                 return
             new = [r for r in incoming if isinstance(r, _Request) and not r.cancelled]
             if new:
@@ -217,6 +230,7 @@ class Engine:
                     del active[uid]
             if not active:
                 if any(r is _STOP for r in incoming):
+                    gen.close()
                     return
                 continue
             try:
@@ -243,4 +257,11 @@ class Engine:
 
 
 _STOP: Any = object()
-_ids = itertools.count()
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    # Worker threads must end (and free their MLX state) before the interpreter does.
+    for engine in list(_ENGINES):
+        engine.close()
