@@ -1,1 +1,86 @@
-"""prompts package."""
+"""Agent prompts as data files (YAML: ``system`` and ``user`` templates with ``{variables}``).
+
+A user customises an agent by copying its file into the folder named by ``prompts.dir`` in
+``config.yaml`` and editing it; :func:`load_prompt` prefers that copy, and checks that it
+still uses every variable the agent fills in.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from langchain_core.prompts import ChatPromptTemplate
+
+DEFAULT_DIR = Path(__file__).resolve().parent
+
+
+class PromptError(ValueError):
+    """A prompt file is missing, malformed, or lacks a variable its agent fills in."""
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A prompt's source: which file, and whether it overrides the shipped default."""
+
+    name: str
+    path: Path
+    override: bool
+
+
+def names() -> list[str]:
+    """Names of the shipped prompts (file stems)."""
+    return sorted(p.stem for p in DEFAULT_DIR.glob("*.yaml"))
+
+
+def locate(name: str, override_dir: Path | None = None) -> PromptFile:
+    """The file used for prompt ``name``: ``override_dir/name.yaml`` if present, else the default."""
+    if override_dir is not None:
+        candidate = Path(override_dir) / f"{name}.yaml"
+        if candidate.is_file():
+            return PromptFile(name, candidate, True)
+    default = DEFAULT_DIR / f"{name}.yaml"
+    if not default.is_file():
+        raise PromptError(f"no prompt named {name!r} (known: {', '.join(names())})")
+    return PromptFile(name, default, False)
+
+
+def variables(template: str) -> set[str]:
+    """The ``{variable}`` names used in a template (``{{`` and ``}}`` are literal braces)."""
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def load_prompt(name: str, required: set[str] | frozenset[str] = frozenset(),
+                override_dir: Path | None = None) -> ChatPromptTemplate:
+    """Load prompt ``name`` as a langchain-core ``ChatPromptTemplate``.
+
+    Args:
+        name: file stem (``dreamer``, ``verifier``, ...).
+        required: variables the agent fills in; each must appear in the file.
+        override_dir: the user's prompt folder (config ``prompts.dir``), searched first.
+
+    Raises:
+        PromptError: names the file and what is wrong (not YAML, no ``user`` template, an
+            unknown or missing variable).
+    """
+    source = locate(name, override_dir)
+    try:
+        data = yaml.safe_load(source.path.read_text())
+    except yaml.YAMLError as exc:
+        raise PromptError(f"{source.path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("user"), str):
+        raise PromptError(f"{source.path}: needs a 'user' template (and optionally 'system')")
+    system = data.get("system") or ""
+    used = variables(system) | variables(data["user"])
+    missing = set(required) - used
+    unknown = used - set(required) if required else set()
+    if missing:
+        raise PromptError(f"{source.path}: missing variable(s) {', '.join(sorted(missing))} "
+                          f"that the {name} agent fills in")
+    if unknown:
+        raise PromptError(f"{source.path}: unknown variable(s) {', '.join(sorted(unknown))}; "
+                          f"the {name} agent fills in only {', '.join(sorted(required))}")
+    messages = ([("system", system)] if system else []) + [("user", data["user"])]
+    return ChatPromptTemplate.from_messages(messages)

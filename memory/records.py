@@ -1,0 +1,111 @@
+"""Records that cross a boundary (files, stores, agents, the diary), as pydantic models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Message(BaseModel):
+    """One turn of a conversation. ``turn_id`` is unique within its session (``t1``,
+    ``t2``, ... or the source's own id, e.g. LoCoMo's ``D1:3``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turn_id: str
+    role: Literal["user", "assistant", "system"]
+    content: str
+    timestamp: Optional[datetime] = None
+
+
+class Session(BaseModel):
+    """A conversation session as stored in the day log (one JSON line).
+
+    ``content_hash`` identifies the conversation's content (user, roles, texts), so a session
+    imported twice, or already consumed by a night, is recognised whatever its id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    user_id: str
+    started_at: Optional[datetime] = None
+    ended_at: Optional[datetime] = None
+    source: str = ""
+    messages: list[Message] = Field(min_length=1)
+
+    @property
+    def content_hash(self) -> str:
+        payload = json.dumps([self.user_id, [(m.role, m.content) for m in self.messages]],
+                             ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def turn(self, turn_id: str) -> Optional[Message]:
+        return next((m for m in self.messages if m.turn_id == turn_id), None)
+
+    def transcript(self, turn_ids: Optional[list[str]] = None) -> str:
+        """``[turn_id] role: content`` lines, for prompts (all turns, or the ones given)."""
+        keep = set(turn_ids) if turn_ids else None
+        return "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in self.messages
+                         if keep is None or m.turn_id in keep)
+
+
+MemoryKind = Literal["fact", "preference", "rule", "forget"]
+MemoryStatus = Literal["candidate", "verified", "rejected", "learned"]
+
+
+class Scores(BaseModel):
+    """The verifier's scores, each in [0, 1]."""
+
+    grounding: float = 0.0
+    novelty: float = 0.0
+    importance: float = 0.0
+    utility: float = 0.0
+
+
+class Memory(BaseModel):
+    """A memory in the long-term store.
+
+    Facts are Q&A (``question``, ``answer``) with several ``phrasings`` of the question;
+    preferences and rules are a ``text`` statement. ``superseded_by`` links an outdated
+    memory to the one that replaced it (the old one is kept); ``history`` records every
+    change with its time and reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: new_id("mem"))
+    user_id: str
+    kind: MemoryKind
+    text: str = ""
+    question: str = ""
+    answer: str = ""
+    phrasings: list[str] = Field(default_factory=list)
+    scores: Scores = Field(default_factory=Scores)
+    status: MemoryStatus = "candidate"
+    parsed: bool = True
+    created_at: datetime = Field(default_factory=now)
+    updated_at: datetime = Field(default_factory=now)
+    source_session: str = ""
+    source_turns: list[str] = Field(default_factory=list)
+    associated: list[str] = Field(default_factory=list)
+    superseded_by: Optional[str] = None
+    night_id: str = ""
+    history: list[dict] = Field(default_factory=list)
+
+    def statement(self) -> str:
+        """One line for prompts, embeddings and the diary."""
+        if self.kind == "fact" and self.question:
+            return f"{self.question} {self.answer}".strip()
+        return self.text or self.answer
