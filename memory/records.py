@@ -109,3 +109,59 @@ class Memory(BaseModel):
         if self.kind == "fact" and self.question:
             return f"{self.question} {self.answer}".strip()
         return self.text or self.answer
+
+
+CandidateStatus = Literal["pending", "failed", "passed", "rejected", "approved", "vetoed"]
+
+
+class IdentityItem(BaseModel):
+    """A Q&A pair about the assistant itself (the "old core" mixed into training)."""
+
+    question: str
+    answer: str
+
+
+class Candidate(BaseModel):
+    """A candidate memory moving through the night.
+
+    ``status``: ``pending`` (to verify) -> ``passed`` | ``failed`` (to reshape, while
+    ``round`` < the configured rounds) | ``rejected``; then the persona consultant makes a
+    passed one ``approved`` or ``vetoed``. ``history`` keeps every version and verdict."""
+
+    id: str
+    night_id: str
+    user_id: str
+    session_id: str
+    kind: Literal["fact", "preference", "rule"]
+    question: str = ""
+    answer: str = ""
+    phrasings: list[str] = Field(default_factory=list)
+    text: str = ""
+    cites: list[str] = Field(default_factory=list)
+    round: int = 0
+    status: CandidateStatus = "pending"
+    reasons: list[str] = Field(default_factory=list)
+    scores: Scores = Field(default_factory=Scores)
+    persona_note: str = ""
+    identity_items: list[IdentityItem] = Field(default_factory=list)
+    history: list[dict] = Field(default_factory=list)
+
+    def statement(self) -> str:
+        if self.kind == "fact" and self.question:
+            return f"{self.question} {self.answer}".strip()
+        return self.text or self.answer
+
+    def content(self) -> dict:
+        """The memory's content alone (what the reshaper rewrites)."""
+        return {"kind": self.kind, "question": self.question, "answer": self.answer,
+                "phrasings": self.phrasings, "statement": self.text, "turns": self.cites}
+
+
+class ForgetRequest(BaseModel):
+    """A user's explicit request to forget something, found in a user turn."""
+
+    user_id: str
+    session_id: str
+    turn_id: str
+    text: str
+    target: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,10 @@ app = typer.Typer(help="Reverie: local language models that learn from their con
                        "sleeping.", no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Fetch and inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+diary_app = typer.Typer(help="Read the dream diary.", no_args_is_help=True)
+app.add_typer(diary_app, name="diary")
+prompts_app = typer.Typer(help="The agents' prompt files.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
 console = Console()
 err = Console(stderr=True)
 
@@ -135,6 +140,195 @@ def ask(question: str, role: str = typer.Option("student", help="which role's mo
         raise typer.Exit(1) from exc
     finally:
         runtime.close()
+
+
+@app.command()
+def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI messages JSONL, "
+                                              "ShareGPT, LoCoMo JSON, or Reverie day logs"),
+           user: str = typer.Option("me", "--user", "-u", help="whose conversations these are"),
+           format: Optional[str] = typer.Option(None, "--format", "-f",
+                                                help="openai | sharegpt | locomo | reverie "
+                                                     "(default: detected)"),
+           sessions: Optional[str] = typer.Option(None, help="LoCoMo sessions, e.g. 1 or 1-3"),
+           force: bool = typer.Option(False, help="re-import sessions an earlier night consumed"),
+           sample: bool = typer.Option(False, help="import the sample day shipped with Reverie")):
+    """Import conversations into the day log (bad records are reported, the rest imported)."""
+    from reverie.cli_ingest import ingest_command
+
+    if not files and not sample:
+        err.print("[red]error:[/red] give chat history files, or --sample")
+        raise typer.Exit(2)
+    raise typer.Exit(ingest_command(files or [], user, format, sessions, force, sample,
+                                    state.settings()))
+
+
+_STAGES = {"dream": "dreamer", "verify": "verifier", "reshape": "reshaper", "consult": "persona"}
+
+
+@app.command()
+def night(resume: bool = typer.Option(False, "--resume", help="continue the latest killed night"),
+          night_id: Optional[str] = typer.Option(None, "--night", help="with --resume: which night"),
+          user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's sessions"),
+          reprocess: bool = typer.Option(False, help="include sessions earlier nights consumed")):
+    """Sleep: turn the day's sessions into verified memories and a training set."""
+    import asyncio
+    from collections import Counter
+
+    from rich.live import Live
+
+    from graphs.run import NightError, run_night
+    from reverie.runtime.models import Runtime
+
+    settings = state.settings()
+    runtime = Runtime(settings)
+    counts: Counter = Counter()
+    verdicts: Counter = Counter()
+
+    def render() -> Table:
+        table = Table(title="night", show_header=True)
+        for col in ("stage", "done", "outcome"):
+            table.add_column(col)
+        table.add_row("gather", str(counts["gather"]), f"{verdicts['sessions']} sessions")
+        table.add_row("route", str(counts["route"]), f"{verdicts['chunks']} verbatim chunks, "
+                      f"{verdicts['forget']} forget requests")
+        table.add_row("dreamer", str(counts["dream"]), f"{verdicts['candidates']} candidates")
+        table.add_row("verifier", str(counts["verify"]), f"{verdicts['passed']} passed, "
+                      f"{verdicts['failed']} failed, {verdicts['rejected']} rejected")
+        table.add_row("reshaper", str(counts["reshape"]), f"{verdicts['reshaped']} rewritten")
+        table.add_row("persona", str(counts["consult"]), f"{verdicts['approved']} approved, "
+                      f"{verdicts['vetoed']} vetoed")
+        table.add_row("consolidate", str(counts["consolidate"]), verdicts.get("ops", ""))
+        table.add_row("handoff", str(counts["handoff"]), verdicts.get("training", ""))
+        return table
+
+    with Live(render(), console=console, refresh_per_second=4) as live:
+        def on_update(node: str, update: dict) -> None:
+            counts[node] += 1
+            if node == "gather":
+                verdicts["sessions"] += len(update.get("sessions", []))
+            elif node == "route":
+                verdicts["chunks"] += update.get("routed_chunks", 0)
+                verdicts["forget"] += len(update.get("forget", []))
+            elif node == "consolidate":
+                ops = update.get("consolidation", {})
+                verdicts["ops"] = ", ".join(f"{len(v)} {k}" for k, v in ops.items())
+            elif node == "handoff":
+                verdicts["training"] = update.get("training_set", "")
+            for c in update.get("candidates", {}).values():
+                key = {"dream": "candidates", "reshape": "reshaped"}.get(node, c["status"])
+                verdicts[key] += 1
+            live.update(render())
+
+        try:
+            summary = asyncio.run(run_night(settings, runtime=runtime, user_id=user,
+                                            resume=night_id or resume, include_consumed=reprocess,
+                                            on_update=on_update))
+        except (NightError, fetch.FetchError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        finally:
+            runtime.close()
+    console.print(f"night {summary['night_id']} done in {summary['seconds']} s: "
+                  f"{summary['memories_added']} memories added, {summary['superseded']} superseded, "
+                  f"{summary['deleted']} deleted; diary: reverie diary show {summary['night_id']}")
+
+
+@diary_app.command("list")
+def diary_list():
+    """Every night with its counts."""
+    from memory.diary import list_nights
+
+    nights = list_nights(state.settings().paths.diary)
+    if not nights:
+        console.print("no nights yet: run `reverie night`")
+        return
+    table = Table()
+    for col in ("night", "sessions", "candidates", "passed", "rejected", "added", "superseded",
+                "deleted", "seconds"):
+        table.add_column(col)
+    for n in nights:
+        if n.get("status") == "unfinished":
+            table.add_row(n["night_id"], "[yellow]unfinished[/yellow] (reverie night --resume)",
+                          *[""] * 7)
+            continue
+        table.add_row(n["night_id"], *(str(n.get(k, "")) for k in (
+            "sessions", "candidates", "passed", "rejected", "memories_added", "superseded",
+            "deleted", "seconds")))
+    console.print(table)
+
+
+@diary_app.command("show")
+def diary_show(night_id: str = typer.Argument(..., help="a night id from `reverie diary list`"),
+               agent: Optional[str] = typer.Option(None, help="dreamer, verifier, reshaper, "
+                                                   "persona, router, consolidate, ..."),
+               memory: Optional[str] = typer.Option(None, help="a candidate or memory id"),
+               status: Optional[str] = typer.Option(None, help="a verdict: passed, failed, "
+                                                    "rejected, approve, veto, add, ...")):
+    """The night's diary as Markdown, optionally only some steps."""
+    from rich.markdown import Markdown
+
+    from memory.diary import filter_steps, read_steps, render_markdown, render_step
+
+    folder = state.settings().paths.diary / night_id
+    if not (folder / "steps.jsonl").exists():
+        err.print(f"[red]error:[/red] no diary for night {night_id!r} in {folder.parent}")
+        raise typer.Exit(1)
+    steps = read_steps(folder / "steps.jsonl")
+    if agent or memory or status:
+        chosen = filter_steps(steps, agent, memory, status)
+        text = "\n".join(render_step(s) for s in sorted(chosen, key=lambda s: s.at)) or "no such steps"
+    else:
+        summary = folder / "summary.json"
+        text = render_markdown(night_id, steps, json.loads(summary.read_text())
+                               if summary.exists() else None)
+    console.print(Markdown(text))
+
+
+@prompts_app.command("list")
+def prompts_list():
+    """Which file each agent's prompt comes from (shipped default or your override), checked."""
+    from graphs.run import AGENT_PROMPTS
+    from prompts import PromptError, load_prompt, locate
+
+    settings = state.settings()
+    table = Table()
+    for col in ("agent", "file", "source", "variables", "check"):
+        table.add_column(col)
+    bad = False
+    for name, required in AGENT_PROMPTS.items():
+        source = locate(name, settings.prompts.dir)
+        try:
+            load_prompt(name, required, settings.prompts.dir)
+            check = "[green]ok[/green]"
+        except PromptError as exc:
+            check, bad = f"[red]{exc}[/red]", True
+        table.add_row(name, str(source.path), "override" if source.override else "default",
+                      ", ".join(sorted(required)), check)
+    console.print(table)
+    if bad:
+        raise typer.Exit(1)
+
+
+@prompts_app.command("show")
+def prompts_show(name: str):
+    """Print an agent's prompt file."""
+    from graphs.run import AGENT_PROMPTS
+    from prompts import PromptError, load_prompt, locate
+
+    settings = state.settings()
+    try:
+        source = locate(name, settings.prompts.dir)
+    except PromptError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"# {source.path} ({'override' if source.override else 'default'})", markup=False)
+    console.print(source.path.read_text(), markup=False, highlight=False)
+    if name in AGENT_PROMPTS:
+        try:
+            load_prompt(name, AGENT_PROMPTS[name], settings.prompts.dir)
+        except PromptError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
 
 
 if __name__ == "__main__":

@@ -65,6 +65,29 @@ class StructuredConfig(_Strict):
     attempts: int = Field(3, ge=1)
 
 
+class NightConfig(_Strict):
+    """The night's agents: how much they dream, how strictly they verify."""
+
+    dream_bursts: int = Field(2, ge=1)
+    window_turns: int = Field(12, ge=2)
+    max_candidates: int = Field(4, ge=1, le=16)
+    phrasings: int = Field(3, ge=1, le=8)
+    reshape_rounds: int = Field(2, ge=0)
+    min_importance: float = Field(0.3, ge=0.0, le=1.0)
+    min_novelty: float = Field(0.1, ge=0.0, le=1.0)
+    duplicate_similarity: float = Field(0.92, ge=0.0, le=1.0)
+    supersede_similarity: float = Field(0.75, ge=0.0, le=1.0)
+    forget_similarity: float = Field(0.45, ge=0.0, le=1.0)
+    max_concurrency: int = Field(32, ge=1)
+    verbatim_min_chars: int = Field(600, ge=50)
+
+
+class PromptsConfig(_Strict):
+    """Where the user's own prompt files live (searched before the shipped ones)."""
+
+    dir: Path | None = None
+
+
 class Settings(_Strict):
     """The whole configuration (see ``config.yaml`` for each key's meaning)."""
 
@@ -73,6 +96,9 @@ class Settings(_Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     roles: dict[str, RoleConfig] = Field(default_factory=_default_roles)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    night: NightConfig = Field(default_factory=NightConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    identity_file: Path | None = None
 
     @model_validator(mode="after")
     def _check_roles(self) -> "Settings":
@@ -137,4 +163,8 @@ def load_settings(path: str | Path | None = None, **overrides) -> Settings:
         settings.data_dir = base / settings.data_dir
     if settings.models.cache_dir is not None and not settings.models.cache_dir.is_absolute():
         settings.models.cache_dir = base / settings.models.cache_dir
+    if settings.prompts.dir is not None and not settings.prompts.dir.is_absolute():
+        settings.prompts.dir = base / settings.prompts.dir
+    if settings.identity_file is not None and not settings.identity_file.is_absolute():
+        settings.identity_file = base / settings.identity_file
     return settings

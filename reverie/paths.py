@@ -52,5 +52,13 @@ class Paths:
         return self.data_dir / "adapters"
 
     @property
+    def training_sets(self) -> Path:
+        return self.data_dir / "training"
+
+    @property
+    def identity(self) -> Path:
+        return self.data_dir / "identity.yaml"
+
+    @property
     def experiments(self) -> Path:
         return self.data_dir / "experiments.jsonl"

@@ -211,3 +211,50 @@ def structured(model, schema: type[BaseModel] | dict, role: str | None = None, a
         return await ainvoke_with_retries(lambda: inner.ainvoke(messages), schema, role, attempts)
 
     return RunnableLambda(call, afunc=acall, name=f"structured[{schema_name(schema)}]")
+
+
+class StructuredReply:
+    """The outcome of :func:`acall_structured`: the object, the raw text of the last attempt,
+    how many attempts it took and the token usage summed over attempts."""
+
+    def __init__(self, parsed: Any, raw: str, attempts: int, usage: dict):
+        self.parsed, self.raw, self.attempts, self.usage = parsed, raw, attempts, usage
+
+
+def _raw_runnable(model, schema, grammar: dict | None):
+    from reverie.runtime.chat_model import MLXChatModel
+
+    if isinstance(model, MLXChatModel):
+        return model.bind(json_schema=grammar or json_schema(schema))
+    try:
+        return model.with_structured_output(schema, include_raw=True)
+    except NotImplementedError:  # no tool calling or JSON mode: validate the plain text
+        return model
+
+
+async def acall_structured(model, schema: type[BaseModel], messages, role: str | None,
+                           attempts: int = 3, grammar: dict | None = None) -> StructuredReply:
+    """Ask any chat model for a ``schema`` object, keeping the raw text for the diary.
+
+    Args:
+        model: an :class:`MLXChatModel` (decoding constrained by ``grammar``, default the
+            schema's own JSON schema) or any LangChain chat model.
+        grammar: a JSON schema narrower than ``schema``'s (e.g. cited turn ids as an enum).
+
+    Raises:
+        StructuredOutputError: no valid object after ``attempts`` tries.
+    """
+    runnable = _raw_runnable(model, schema, grammar)
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    last = ""
+    for attempt in range(1, attempts + 1):
+        result = await runnable.ainvoke(messages)
+        message = result["raw"] if isinstance(result, dict) and "raw" in result else result
+        for key in usage:
+            usage[key] += (getattr(message, "usage_metadata", None) or {}).get(key, 0)
+        last = str(getattr(message, "content", message))
+        try:
+            return StructuredReply(_check(result, schema), last, attempt, usage)
+        except _Invalid as exc:
+            reason = exc.reason
+    raise StructuredOutputError(role, schema_name(schema), last, attempts, reason)

@@ -1,0 +1,66 @@
+"""What every agent shares: a structured call that also yields its diary fields."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.prompts import ChatPromptTemplate
+from pydantic import BaseModel
+
+from reverie.runtime.structured import StructuredOutputError, acall_structured
+
+
+@dataclass
+class AgentCall:
+    """A finished agent call: ``parsed`` is ``None`` when no valid object came back
+    (``error`` says why); the rest goes to the diary."""
+
+    parsed: Any
+    raw: str
+    prompt: list[dict]
+    model: str
+    temperature: float | None
+    duration_s: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    attempts: int = 1
+    error: str = ""
+    diary: dict = field(default_factory=dict)
+
+    def diary_fields(self) -> dict:
+        return {"model": self.model, "temperature": self.temperature, "prompt": self.prompt,
+                "raw_output": self.raw, "duration_s": round(self.duration_s, 3),
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "attempts": self.attempts, "error": self.error,
+                "parsed": self.parsed.model_dump(mode="json") if isinstance(self.parsed, BaseModel)
+                else self.parsed}
+
+
+def model_name(model) -> str:
+    loaded = getattr(model, "loaded", None)
+    if loaded is not None:
+        return f"{loaded.name} ({loaded.source})"
+    return str(getattr(model, "model_name", None) or getattr(model, "model", None)
+               or type(model).__name__)
+
+
+async def call(model, prompt: ChatPromptTemplate, variables: dict, schema: type[BaseModel],
+               role: str, attempts: int, grammar: dict | None = None) -> AgentCall:
+    """Render ``prompt`` with ``variables`` and ask ``model`` for a ``schema`` object.
+
+    Never raises for a bad model answer: after ``attempts`` tries the call comes back with
+    ``parsed=None`` and the error, so one confused candidate cannot stop the night.
+    """
+    messages = prompt.format_messages(**variables)
+    rendered = [{"role": m.type, "content": m.content} for m in messages]
+    start = time.perf_counter()
+    try:
+        reply = await acall_structured(model, schema, messages, role, attempts, grammar)
+        parsed, raw, tries, usage, error = reply.parsed, reply.raw, reply.attempts, reply.usage, ""
+    except StructuredOutputError as exc:
+        parsed, raw, tries, usage, error = None, exc.raw, exc.attempts, {}, str(exc)
+    return AgentCall(parsed, raw, rendered, model_name(model), getattr(model, "temperature", None),
+                     time.perf_counter() - start, usage.get("input_tokens", 0),
+                     usage.get("output_tokens", 0), tries, error)

@@ -1,0 +1,91 @@
+"""The dreamer: proposes candidate memories from a window of a session, at high temperature.
+
+Facts come as Q&A with several phrasings of the question (a fact seen in one phrasing is
+memorised but not extractable: Allen-Zhu & Li, "Physics of Language Models 3.1", 2023),
+preferences and rules as one statement; every candidate cites the turn ids it came from.
+Cited turn ids are constrained to the window's own ids by the grammar.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from agents.common import AgentCall, call
+from memory.records import Candidate, Message, Session
+
+VARIABLES = frozenset({"user_id", "date", "transcript", "max_candidates", "phrasings"})
+
+
+class DreamedMemory(BaseModel):
+    kind: Literal["fact", "preference", "rule"]
+    question: str = Field("", max_length=160)
+    answer: str = Field("", max_length=200)
+    phrasings: list[str] = Field(default_factory=list, max_length=8)
+    statement: str = Field("", max_length=240)
+    turns: list[str] = Field(min_length=1, max_length=4)
+
+
+class Dream(BaseModel):
+    memories: list[DreamedMemory] = Field(default_factory=list, max_length=16)
+
+
+def grammar(turn_ids: list[str], max_candidates: int, phrasings: int) -> dict:
+    """Dream's JSON schema narrowed for one window: turn ids as an enum, list lengths capped."""
+    schema = Dream.model_json_schema()
+    item = schema["$defs"]["DreamedMemory"]
+    item["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
+    item["properties"]["phrasings"]["maxItems"] = phrasings
+    item["properties"]["phrasings"]["items"] = {"type": "string", "maxLength": 160}
+    schema["properties"]["memories"]["maxItems"] = max_candidates
+    return schema
+
+
+def windows(session: Session, size: int) -> list[list[Message]]:
+    """The session's turns in windows of ``size`` (the last window may be shorter)."""
+    return [session.messages[i:i + size] for i in range(0, len(session.messages), size)]
+
+
+def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str) -> list[Candidate]:
+    """Candidates from a dream; ids are ``<prefix>:<n>`` (deterministic, for resumable nights).
+    Drafts with no content (a fact without question or answer, a statement-less rule) are
+    dropped."""
+    out = []
+    for n, m in enumerate(dream.memories):
+        if m.kind == "fact" and not (m.question.strip() and m.answer.strip()):
+            continue
+        if m.kind != "fact" and not (m.statement.strip() or m.answer.strip()):
+            continue
+        phrasings = [p for p in dict.fromkeys(p.strip() for p in m.phrasings) if p and p != m.question]
+        out.append(Candidate(id=f"{prefix}:{n}", night_id=night_id, user_id=session.user_id,
+                             session_id=session.session_id, kind=m.kind,
+                             question=m.question.strip(), answer=m.answer.strip(),
+                             phrasings=phrasings, text=(m.statement or m.answer).strip()
+                             if m.kind != "fact" else "", cites=list(dict.fromkeys(m.turns))))
+    return out
+
+
+class Dreamer:
+    """Args: model (any chat model; the dreamer role's, high temperature), prompt (the
+    ``dreamer`` prompt template), night (``NightConfig``), attempts (structured tries)."""
+
+    def __init__(self, model, prompt, night, attempts: int = 3):
+        self.model, self.prompt, self.night, self.attempts = model, prompt, night, attempts
+
+    async def dream(self, session: Session, window: list[Message], night_id: str,
+                    prefix: str) -> tuple[list[Candidate], AgentCall]:
+        ids = [m.turn_id for m in window]
+        variables = {"user_id": session.user_id,
+                     "date": f"{session.started_at:%Y-%m-%d}" if session.started_at else "unknown date",
+                     "transcript": "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in window),
+                     "max_candidates": self.night.max_candidates, "phrasings": self.night.phrasings}
+        result = await call(self.model, self.prompt, variables, Dream, "dreamer", self.attempts,
+                            grammar(ids, self.night.max_candidates, self.night.phrasings))
+        if result.parsed is None:
+            return [], result
+        dream = result.parsed
+        known = set(ids)
+        for m in dream.memories:  # other models are not grammar-bound: keep real ids only
+            m.turns = [t for t in m.turns if t in known] or m.turns
+        return to_candidates(dream, session, night_id, prefix), result

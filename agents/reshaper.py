@@ -1,0 +1,52 @@
+"""The reshaper: rewrites a failed candidate from the verifier's reasons and the source."""
+
+from __future__ import annotations
+
+from agents.common import AgentCall, call
+from agents.dreamer import DreamedMemory
+from memory.records import Candidate, Session
+
+VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
+
+
+def grammar(turn_ids: list[str], phrasings: int) -> dict:
+    """DreamedMemory's schema with turn ids limited to the session's own."""
+    schema = DreamedMemory.model_json_schema()
+    schema["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
+    schema["properties"]["phrasings"]["maxItems"] = phrasings
+    return schema
+
+
+class Reshaper:
+    """Args: model (the reshaper role's), prompt, night (``NightConfig``), attempts."""
+
+    def __init__(self, model, prompt, night, attempts: int = 3):
+        self.model, self.prompt, self.night, self.attempts = model, prompt, night, attempts
+
+    async def reshape(self, candidate: Candidate, session: Session) -> tuple[Candidate, AgentCall]:
+        """The rewritten candidate (``pending``, next round); if the model gives nothing
+        usable, the candidate is ``rejected`` with that reason."""
+        cited = candidate.cites if any(session.turn(t) for t in candidate.cites) else \
+            [m.turn_id for m in session.messages]
+        memory = (f"Q: {candidate.question} A: {candidate.answer}" if candidate.kind == "fact"
+                  else candidate.text)
+        result = await call(self.model, self.prompt,
+                            {"transcript": session.transcript(cited), "kind": candidate.kind,
+                             "memory": memory, "reasons": "; ".join(candidate.reasons) or "none given"},
+                            DreamedMemory, "reshaper", self.attempts,
+                            grammar([m.turn_id for m in session.messages], self.night.phrasings))
+        new = result.parsed
+        history = candidate.history + [{"agent": "reshaper", "round": candidate.round,
+                                        "before": candidate.content()}]
+        usable = new is not None and ((new.question and new.answer) if new.kind == "fact"
+                                      else (new.statement or new.answer))
+        if not usable:
+            return candidate.model_copy(update={
+                "status": "rejected", "history": history,
+                "reasons": candidate.reasons + ["the reshaper gave no usable rewrite"]}), result
+        return candidate.model_copy(update={
+            "kind": new.kind, "question": new.question.strip(), "answer": new.answer.strip(),
+            "phrasings": [p for p in new.phrasings if p.strip()],
+            "text": (new.statement or new.answer).strip() if new.kind != "fact" else "",
+            "cites": list(dict.fromkeys(new.turns)), "round": candidate.round + 1,
+            "status": "pending", "reasons": [], "history": history}), result

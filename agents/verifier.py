@@ -1,0 +1,124 @@
+"""The verifier: scores a candidate for grounding, novelty, importance and utility.
+
+Grounding is checked twice: deterministically (every name, number and date, and most
+content words of the answer, must appear in the cited turns) and by the model's judgement.
+Novelty is 1 minus the cosine similarity to the user's closest existing memory.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Literal
+
+from pydantic import BaseModel, Field
+
+from agents.common import AgentCall, call
+from memory.records import Candidate, Scores, Session
+
+VARIABLES = frozenset({"transcript", "kind", "memory"})
+
+_STOP = set("""a an and are as at be been but by can could did do does for from had has have he her
+him his how i if in into is it its me my no not of on or our she so than that the their them
+then there these they this to too up us was we were what when where which who why will with
+would you your yes user assistant about also just like really very""".split())
+_NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
+_WORD = re.compile(r"[A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'-]*")
+
+
+class Judgement(BaseModel):
+    grounded: bool
+    importance: Literal[0, 1, 2, 3, 4, 5]
+    utility: Literal[0, 1, 2, 3, 4, 5]
+    reason: str = Field(max_length=200)
+
+
+def _names(text: str) -> set[str]:
+    """Capitalised words that are not sentence-initial: names, places, products."""
+    out = set()
+    for sentence in re.split(r"(?<=[.!?])\s+|\n", text):
+        words = _WORD.findall(sentence)
+        out |= {w for w in words[1:] if w[0].isupper() and w.lower() not in _STOP}
+    return out
+
+
+def salient(candidate: Candidate) -> tuple[set[str], set[str]]:
+    """(``must``, ``content``): numbers and names from every text of the candidate, each of
+    which must appear in the source; and the answer's/statement's content words, most of
+    which should."""
+    texts = [candidate.question, candidate.answer, candidate.text, *candidate.phrasings]
+    joined = "\n".join(t for t in texts if t)
+    must = set(_NUMBER.findall(joined)) | _names(joined)
+    claim = candidate.answer if candidate.kind == "fact" else candidate.text
+    content = {w.lower() for w in _WORD.findall(claim) if len(w) > 3 and w.lower() not in _STOP}
+    return must, content
+
+
+def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list[str]]:
+    """Deterministic grounding in [0, 1] and the reasons it falls short.
+
+    The score is the share of salient items found in the cited turns (case-insensitive);
+    a missing number or name, or a cited turn that does not exist, is a reason. A candidate
+    citing nothing real scores 0."""
+    turns = [session.turn(t) for t in candidate.cites]
+    missing_turns = [t for t, m in zip(candidate.cites, turns) if m is None]
+    source = "\n".join(m.content for m in turns if m is not None).lower()
+    if not source:
+        return 0.0, [f"cites no turn of the session ({', '.join(candidate.cites) or 'none'})"]
+    must, content = salient(candidate)
+    reasons = [f"cited turn {t} does not exist" for t in missing_turns]
+    absent = sorted(w for w in must if w.lower() not in source)
+    if absent:
+        reasons.append(f"not in the cited turns ({', '.join(candidate.cites)}): {', '.join(absent)}")
+    found_content = {w for w in content if w in source}
+    items = len(must) + len(content)
+    score = 1.0 if items == 0 else (len(must) - len(absent) + len(found_content)) / items
+    if content and len(found_content) < len(content) / 2:
+        reasons.append("most of the claim's words are not in the cited turns: "
+                       + ", ".join(sorted(content - found_content)))
+    return round(score, 3), reasons
+
+
+class Verifier:
+    """Args: model (the verifier role's, low temperature), prompt, night (``NightConfig``),
+    novelty (``(text, user_id) -> float`` in [0, 1]), attempts, min_grounding."""
+
+    def __init__(self, model, prompt, night, novelty: Callable[[str, str], float],
+                 attempts: int = 3, min_grounding: float = 0.75):
+        self.model, self.prompt, self.night = model, prompt, night
+        self.novelty, self.attempts, self.min_grounding = novelty, attempts, min_grounding
+
+    async def verify(self, candidate: Candidate, session: Session) -> tuple[Candidate, AgentCall]:
+        """The candidate with scores, reasons and status ``passed``, ``failed`` (may be
+        reshaped) or ``rejected`` (already known, or out of reshape rounds)."""
+        det, reasons = grounding_check(candidate, session)
+        novelty = self.novelty(candidate.statement(), candidate.user_id)
+        memory = (f"Q: {candidate.question} A: {candidate.answer}" if candidate.kind == "fact"
+                  else candidate.text)
+        result = await call(self.model, self.prompt,
+                            {"transcript": session.transcript(candidate.cites) or "(no such turns)",
+                             "kind": candidate.kind, "memory": memory},
+                            Judgement, "verifier", self.attempts)
+        j = result.parsed
+        if j is None:
+            reasons.append(f"the verifier gave no judgement: {result.error[:160]}")
+            j = Judgement(grounded=False, importance=0, utility=0, reason="")
+        model_grounding = 1.0 if j.grounded else 0.0
+        scores = Scores(grounding=round((det + model_grounding) / 2, 3), novelty=round(novelty, 3),
+                        importance=j.importance / 5, utility=j.utility / 5)
+        if not j.grounded and result.parsed is not None:
+            reasons.append(f"the verifier judged it not grounded: {j.reason}")
+        if scores.importance < self.night.min_importance:
+            reasons.append(f"importance {scores.importance:.2f} < {self.night.min_importance}")
+        known = novelty < self.night.min_novelty
+        if known:
+            reasons.append(f"already known (novelty {novelty:.2f} < {self.night.min_novelty})")
+        passed = det >= self.min_grounding and j.grounded and not reasons
+        status = ("passed" if passed else
+                  "rejected" if known or candidate.round >= self.night.reshape_rounds else "failed")
+        updated = candidate.model_copy(update={
+            "scores": scores, "reasons": reasons, "status": status,
+            "history": candidate.history + [{"agent": "verifier", "round": candidate.round,
+                                             "status": status, "reasons": reasons,
+                                             "scores": scores.model_dump(),
+                                             "judgement": j.reason}]})
+        return updated, result

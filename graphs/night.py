@@ -1,0 +1,352 @@
+"""The night: a LangGraph graph from the day's sessions to verified memories.
+
+    gather ─▶ route ─▶ dream ×(session windows × bursts) ─▶ triage ◀──────────────┐
+                                                             │                     │
+                        pending ─▶ verify ───────────────────┼─────────────────────┤
+                        failed (round < K) ─▶ reshape ───────┼─────────────────────┤
+                        passed ─▶ consult (persona) ─────────┘─────────────────────┘
+                        nothing left ─▶ consolidate ─▶ handoff ─▶ END
+
+Independent agent calls fan out with ``Send`` so the local model batches them. State is
+plain JSON (records are dumped), checkpointed after every step by LangGraph's SQLite
+checkpointer: a night killed at any point resumes without repeating finished agent calls,
+and every id is deterministic so consolidation never adds a memory twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from langgraph.types import Send
+
+from agents.dreamer import Dreamer, windows
+from agents.persona import PersonaConsultant
+from agents.reshaper import Reshaper
+from agents.router import forget_requests, verbatim_chunks
+from agents.verifier import Verifier
+from memory.daylog import DayLog
+from memory.diary import Diary, DiaryStep
+from memory.facts import FactStore, MemoryIndex
+from memory.identity import Identity
+from memory.records import Candidate, ForgetRequest, Memory, Session, now
+from memory.store import MemoryStore
+
+
+def merge(old: dict | None, new: dict | None) -> dict:
+    """Reducer: candidates by id, the newest version wins."""
+    return {**(old or {}), **(new or {})}
+
+
+class NightState(TypedDict, total=False):
+    night_id: str
+    user_id: Optional[str]
+    include_consumed: bool
+    sessions: list[dict]
+    forget: list[dict]
+    routed_chunks: Annotated[int, operator.add]
+    candidates: Annotated[dict[str, dict], merge]
+    consolidation: dict
+    training_set: str
+
+
+@dataclass
+class NightDeps:
+    """What the nodes use (not checkpointed): agents, stores, the diary."""
+
+    night: Any  # NightConfig
+    dreamer: Dreamer
+    verifier: Verifier
+    reshaper: Reshaper
+    persona: PersonaConsultant
+    identity: Identity
+    daylog: DayLog
+    store: MemoryStore
+    facts: FactStore
+    index: MemoryIndex
+    similarity: Callable[[str, str], float]
+    diary: Diary
+    training_dir: Path
+
+
+# -- nodes -----------------------------------------------------------------------------
+
+def gather(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """Unconsumed sessions (of one user, or all) from the day log."""
+    deps = runtime.context
+    sessions = deps.daylog.unconsumed(state.get("user_id"), state.get("include_consumed", False))
+    deps.diary.record(DiaryStep(step_id="gather", night_id=state["night_id"], agent="gather",
+                                verdict=f"{len(sessions)} sessions",
+                                parsed=[s.session_id for s in sessions]))
+    return {"sessions": [s.model_dump(mode="json") for s in sessions]}
+
+
+def route(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """Verbatim material to the fact store; the user's forget requests noted."""
+    deps = runtime.context
+    routed, forget = 0, []
+    for raw in state["sessions"]:
+        session = Session.model_validate(raw)
+        chunks = verbatim_chunks(session, deps.night.verbatim_min_chars)
+        new = deps.facts.add(chunks)
+        requests = forget_requests(session)
+        forget += [r.model_dump() for r in requests]
+        routed += len(chunks)
+        deps.diary.record(DiaryStep(
+            step_id=f"route:{session.session_id}", night_id=state["night_id"], agent="router",
+            session_id=session.session_id, verdict="routed",
+            raw_output="\n".join(f"[{c.turn_id}] {', '.join(c.kinds)}: {c.text[:160]}" for c in chunks),
+            parsed={"chunks": len(chunks), "new_chunks": new,
+                    "forget_requests": [r.target for r in requests]}))
+    return {"routed_chunks": routed, "forget": forget}
+
+
+def fan_out_dreams(state: NightState, runtime: Runtime[NightDeps]) -> list[Send] | str:
+    night = runtime.context.night
+    sends = [Send("dream", {"night_id": state["night_id"], "session": raw, "window": w,
+                            "burst": b})
+             for raw in state["sessions"]
+             for w in range(len(windows(Session.model_validate(raw), night.window_turns)))
+             for b in range(night.dream_bursts)]
+    return sends or "triage"
+
+
+async def dream(task: dict, runtime: Runtime[NightDeps]) -> dict:
+    deps = runtime.context
+    session = Session.model_validate(task["session"])
+    window = windows(session, deps.night.window_turns)[task["window"]]
+    prefix = f"{session.session_id}:w{task['window']}:b{task['burst']}"
+    candidates, result = await deps.dreamer.dream(session, window, task["night_id"], prefix)
+    deps.diary.record(DiaryStep(step_id=f"dream:{prefix}", night_id=task["night_id"],
+                                agent="dreamer", session_id=session.session_id,
+                                verdict=f"{len(candidates)} candidates", **result.diary_fields()))
+    return {"candidates": {c.id: c.model_dump(mode="json") for c in candidates}}
+
+
+def triage(state: NightState) -> dict:
+    """A meeting point: every fan-out returns here and :func:`next_work` decides."""
+    return {}
+
+
+def next_work(state: NightState) -> list[Send] | str:
+    """Verify the pending, reshape the failed, consult on the passed; else consolidate."""
+    sessions = {s["session_id"]: s for s in state.get("sessions", [])}
+    node = {"pending": "verify", "failed": "reshape", "passed": "consult"}
+    sends = [Send(node[c["status"]], {"night_id": state["night_id"], "candidate": c,
+                                      "session": sessions[c["session_id"]]})
+             for c in state.get("candidates", {}).values() if c["status"] in node]
+    return sends or "consolidate"
+
+
+async def verify(task: dict, runtime: Runtime[NightDeps]) -> dict:
+    deps = runtime.context
+    before = Candidate.model_validate(task["candidate"])
+    after, result = await deps.verifier.verify(before, Session.model_validate(task["session"]))
+    deps.diary.record(DiaryStep(
+        step_id=f"verify:{after.id}:{before.round}", night_id=task["night_id"], agent="verifier",
+        candidate_id=after.id, session_id=after.session_id, round=before.round,
+        scores=after.scores.model_dump(), verdict=after.status, reasons=after.reasons,
+        **result.diary_fields()))
+    return {"candidates": {after.id: after.model_dump(mode="json")}}
+
+
+async def reshape(task: dict, runtime: Runtime[NightDeps]) -> dict:
+    deps = runtime.context
+    before = Candidate.model_validate(task["candidate"])
+    after, result = await deps.reshaper.reshape(before, Session.model_validate(task["session"]))
+    deps.diary.record(DiaryStep(
+        step_id=f"reshape:{after.id}:{before.round}", night_id=task["night_id"], agent="reshaper",
+        candidate_id=after.id, session_id=after.session_id, round=before.round,
+        verdict="reshaped" if after.status == "pending" else after.status,
+        reasons=before.reasons, **result.diary_fields()))
+    return {"candidates": {after.id: after.model_dump(mode="json")}}
+
+
+async def consult(task: dict, runtime: Runtime[NightDeps]) -> dict:
+    deps = runtime.context
+    after, result = await deps.persona.review(Candidate.model_validate(task["candidate"]))
+    deps.diary.record(DiaryStep(
+        step_id=f"persona:{after.id}", night_id=task["night_id"], agent="persona",
+        candidate_id=after.id, session_id=after.session_id,
+        verdict="approve" if after.status == "approved" else "veto",
+        reasons=[after.persona_note] if after.persona_note else [], **result.diary_fields()))
+    return {"candidates": {after.id: after.model_dump(mode="json")}}
+
+
+def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """Memory operations: add, supersede a contradicted fact (old kept and linked),
+    merge duplicates, and delete what the user explicitly asked to forget."""
+    deps, night_id = runtime.context, state["night_id"]
+    ops = {"added": [], "superseded": [], "duplicates": [], "deleted": [], "dropped": []}
+    forget = [ForgetRequest.model_validate(f) for f in state.get("forget", [])]
+    approved = sorted((Candidate.model_validate(c) for c in state.get("candidates", {}).values()
+                       if c["status"] == "approved"), key=lambda c: c.id)
+
+    def log(op: str, memory_id: str, text: str, reasons: list[str] = ()):
+        deps.diary.record(DiaryStep(step_id=f"consolidate:{op}:{memory_id}", night_id=night_id,
+                                    agent="consolidate", memory_id=memory_id, verdict=op,
+                                    raw_output=text, reasons=list(reasons)))
+
+    for request in forget:  # only ever on the user's explicit request
+        for memory_id, sim in deps.index.nearest(request.target, request.user_id, k=10):
+            if sim >= deps.night.forget_similarity and deps.store.delete(
+                    memory_id, reason=f"forget request in {request.session_id}/{request.turn_id}",
+                    request=request.text):
+                deps.index.remove(memory_id)
+                ops["deleted"].append(memory_id)
+                log("delete", memory_id, request.text, [f"similarity {sim:.2f} to '{request.target}'"])
+
+    for c in approved:
+        memory = to_memory(c)
+        if deps.store.get(memory.id) is not None:  # a resumed night: done already
+            continue
+        hit = next((r for r in forget if r.user_id == c.user_id and
+                    deps.similarity(r.target, c.statement()) >= deps.night.forget_similarity), None)
+        if hit:
+            ops["dropped"].append(memory.id)
+            log("dropped", memory.id, c.statement(), [f"the user asked to forget: {hit.text}"])
+            continue
+        op, other = decide(memory, deps)
+        if op == "duplicate":
+            existing = deps.store.get(other)
+            existing.associated = sorted(set(existing.associated) | {f"{c.session_id}:{t}" for t in c.cites})
+            deps.store.update(existing, reason=f"seen again in {c.session_id} (night {night_id})")
+            ops["duplicates"].append(other)
+            log("duplicate", other, c.statement(), [f"same as {other}"])
+            continue
+        if op == "supersede":
+            deps.store.supersede(other, memory, reason=f"contradicted by {c.session_id} "
+                                 f"({', '.join(c.cites)}) in night {night_id}")
+            deps.index.upsert(deps.store.get(other))
+            ops["superseded"].append(other)
+            log("supersede", memory.id, memory.statement(), [f"supersedes {other}"])
+        else:
+            deps.store.add(memory)
+            log("add", memory.id, memory.statement())
+        deps.index.upsert(memory)
+        ops["added"].append(memory.id)
+    return {"consolidation": ops}
+
+
+def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """Tonight's training set (chat-format JSONL) for the trainer; sessions marked consumed."""
+    deps, night_id = runtime.context, state["night_id"]
+    memories = [deps.store.get(i) for i in state["consolidation"]["added"]]
+    candidates = [Candidate.model_validate(c) for c in state.get("candidates", {}).values()]
+    rows = training_rows([m for m in memories if m is not None], candidates, deps.identity)
+    path = deps.training_dir / f"{night_id}.jsonl"
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    deps.daylog.mark_consumed([Session.model_validate(s) for s in state["sessions"]], night_id)
+    deps.diary.record(DiaryStep(step_id="handoff", night_id=night_id, agent="handoff",
+                                verdict=f"{len(rows)} training examples", raw_output=str(path)))
+    return {"training_set": str(path)}
+
+
+# -- consolidation and hand-off helpers -------------------------------------------------
+
+def memory_id(candidate_id: str) -> str:
+    return "mem-" + hashlib.sha1(candidate_id.encode()).hexdigest()[:12]
+
+
+def to_memory(c: Candidate) -> Memory:
+    return Memory(id=memory_id(c.id), user_id=c.user_id, kind=c.kind, text=c.text,
+                  question=c.question, answer=c.answer, phrasings=c.phrasings, scores=c.scores,
+                  status="verified", source_session=c.session_id, source_turns=c.cites,
+                  night_id=c.night_id, history=[{"at": now().isoformat(), "reason": "verified",
+                                                  "status": "verified", "candidate": c.id}])
+
+
+def _same(a: str, b: str) -> bool:
+    norm = lambda s: " ".join(s.lower().replace(".", " ").split())  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def decide(memory: Memory, deps: NightDeps) -> tuple[str, str]:
+    """``("add", "")``, ``("duplicate", id)`` or ``("supersede", id)`` against the user's
+    current memories, by embedding similarity (thresholds in config ``night``)."""
+    night = deps.night
+    for other_id, sim in deps.index.nearest(memory.statement(), memory.user_id, k=5):
+        other = deps.store.get(other_id)
+        if other is None or other.superseded_by or other.kind != memory.kind:
+            continue
+        if memory.kind == "fact":
+            same_question = deps.similarity(memory.question, other.question) >= night.supersede_similarity
+            if same_question and (_same(memory.answer, other.answer) or sim >= night.duplicate_similarity):
+                return "duplicate", other_id
+            if same_question:
+                return "supersede", other_id
+        elif sim >= night.duplicate_similarity:
+            return "duplicate", other_id
+    return "add", ""
+
+
+def training_rows(memories: list[Memory], candidates: list[Candidate], identity: Identity) -> list[dict]:
+    """Chat-format examples: each fact under each of its phrasings, each preference or rule,
+    and identity items (the shipped core plus what the persona consultant proposed)."""
+    rows = []
+    for m in memories:
+        if m.kind == "fact":
+            for q in dict.fromkeys([m.question, *m.phrasings]):
+                rows.append({"messages": [{"role": "user", "content": q},
+                                          {"role": "assistant", "content": m.answer}],
+                             "memory_id": m.id, "kind": "fact"})
+        else:
+            rows.append({"messages": [{"role": "user", "content": "What should you remember about me?"},
+                                      {"role": "assistant", "content": m.text}],
+                         "memory_id": m.id, "kind": m.kind})
+    items = list(identity.core) + [i for c in candidates if c.status == "approved"
+                                   for i in c.identity_items]
+    for item in {(i.question, i.answer): i for i in items}.values():
+        rows.append({"messages": [{"role": "user", "content": item.question},
+                                  {"role": "assistant", "content": item.answer}],
+                     "kind": "identity"})
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -- the graph --------------------------------------------------------------------------
+
+def build_graph() -> StateGraph:
+    """The night's graph (uncompiled): compile it with a checkpointer to run."""
+    g = StateGraph(NightState, context_schema=NightDeps)
+    g.add_node("gather", gather)
+    g.add_node("route", route)
+    g.add_node("dream", dream)
+    g.add_node("triage", triage)
+    g.add_node("verify", verify)
+    g.add_node("reshape", reshape)
+    g.add_node("consult", consult)
+    g.add_node("consolidate", consolidate)
+    g.add_node("handoff", handoff)
+
+    g.add_edge(START, "gather")
+    g.add_edge("gather", "route")
+    g.add_conditional_edges("route", fan_out_dreams, ["dream", "triage"])
+    g.add_edge("dream", "triage")
+    g.add_conditional_edges("triage", next_work, ["verify", "reshape", "consult", "consolidate"])
+    g.add_edge("verify", "triage")
+    g.add_edge("reshape", "triage")
+    g.add_edge("consult", "triage")
+    g.add_edge("consolidate", "handoff")
+    g.add_edge("handoff", END)
+    return g
+
+
+def new_night_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,160 @@
+"""Running a night: wiring settings to the graph's dependencies, checkpointing, resuming."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+from agents.dreamer import Dreamer
+from agents.dreamer import VARIABLES as DREAMER_VARS
+from agents.persona import VARIABLES as PERSONA_VARS
+from agents.persona import PersonaConsultant
+from agents.reshaper import VARIABLES as RESHAPER_VARS
+from agents.reshaper import Reshaper
+from agents.verifier import VARIABLES as VERIFIER_VARS
+from agents.verifier import Verifier
+from graphs.night import NightDeps, build_graph, new_night_id
+from memory.daylog import DayLog
+from memory.diary import Diary, list_nights
+from memory.facts import FactStore, MemoryIndex
+from memory.identity import load_identity
+from memory.store import MemoryStore
+from prompts import load_prompt
+from reverie.config import Settings
+
+# Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
+AGENT_PROMPTS = {"dreamer": DREAMER_VARS, "verifier": VERIFIER_VARS,
+                 "reshaper": RESHAPER_VARS, "persona": PERSONA_VARS}
+
+
+class NightError(RuntimeError):
+    """A night cannot start or resume (e.g. nothing to resume)."""
+
+
+def build_deps(settings: Settings, night_id: str, models: dict, embedder) -> NightDeps:
+    """The graph's dependencies. ``models`` maps each role (dreamer, verifier, reshaper,
+    persona) to a LangChain chat model; ``embedder`` has ``embed(texts) -> (n, d)`` unit rows."""
+    import chromadb
+
+    from reverie.runtime.embeddings import MiniLMEmbeddingFunction
+
+    paths, night = settings.paths, settings.night
+    prompt = lambda name: load_prompt(name, AGENT_PROMPTS[name], settings.prompts.dir)  # noqa: E731
+    client = chromadb.PersistentClient(path=str(paths.chroma))
+    ef = MiniLMEmbeddingFunction(embedder)
+    index = MemoryIndex(client, ef)
+
+    def similarity(a: str, b: str) -> float:
+        if not a or not b:
+            return 0.0
+        v = embedder.embed([a, b])
+        return float(np.dot(v[0], v[1]))
+
+    def novelty(text: str, user_id: str) -> float:
+        nearest = index.nearest(text, user_id, k=1)
+        return 1.0 - max(nearest[0][1], 0.0) if nearest else 1.0
+
+    attempts = settings.structured.attempts
+    identity_file = settings.identity_file or paths.identity
+    identity = load_identity(identity_file)
+    return NightDeps(
+        night=night,
+        dreamer=Dreamer(models["dreamer"], prompt("dreamer"), night, attempts),
+        verifier=Verifier(models["verifier"], prompt("verifier"), night, novelty, attempts),
+        reshaper=Reshaper(models["reshaper"], prompt("reshaper"), night, attempts),
+        persona=PersonaConsultant(models["persona"], prompt("persona"), identity, attempts),
+        identity=identity, daylog=DayLog(paths.days), store=MemoryStore(paths.memories_db),
+        facts=FactStore(client, ef), index=index, similarity=similarity,
+        diary=Diary(paths.diary, night_id), training_dir=paths.training_sets)
+
+
+def unfinished_night(settings: Settings) -> Optional[str]:
+    """The latest night that started but has no summary (killed), if any."""
+    nights = [n for n in list_nights(settings.paths.diary) if n.get("status") == "unfinished"]
+    return nights[-1]["night_id"] if nights else None
+
+
+async def run_night(settings: Settings, models: dict | None = None, embedder=None,
+                    runtime=None, resume: bool | str = False, user_id: str | None = None,
+                    include_consumed: bool = False,
+                    on_update: Callable[[str, dict], Any] | None = None) -> dict:
+    """Run (or resume) one night and return its summary.
+
+    Args:
+        models: role -> chat model; missing roles come from ``runtime`` (a
+            :class:`reverie.runtime.models.Runtime`) as configured.
+        embedder: defaults to ``runtime.embedder()``.
+        resume: ``True`` resumes the latest unfinished night, a string resumes that night.
+        user_id: only this user's sessions (default: every user's).
+        include_consumed: also sessions an earlier night consumed.
+        on_update: called with (node name, its state update) as the graph runs.
+
+    Raises:
+        NightError: ``resume`` asked for but there is no unfinished night.
+    """
+    models = dict(models or {})
+    for role in ("dreamer", "verifier", "reshaper", "persona"):
+        if role not in models:
+            models[role] = runtime.chat_model(role)
+    embedder = embedder or runtime.embedder()
+    if resume:
+        night_id = resume if isinstance(resume, str) else unfinished_night(settings)
+        if not night_id:
+            raise NightError("no unfinished night to resume (see `reverie diary list`)")
+    else:
+        night_id = new_night_id()
+    deps = build_deps(settings, night_id, models, embedder)
+    started = deps.diary.dir / "started.json"
+    if not resume:
+        started.parent.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"night_id": night_id, "user_id": user_id,
+                                       "settings": settings.night.model_dump()}, indent=1))
+    config = {"configurable": {"thread_id": night_id},
+              "max_concurrency": settings.night.max_concurrency, "recursion_limit": 200}
+    settings.paths.nights_db.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    async with AsyncSqliteSaver.from_conn_string(str(settings.paths.nights_db)) as saver:
+        graph = build_graph().compile(checkpointer=saver)
+        if resume:
+            snapshot = await graph.aget_state(config)
+            if not snapshot.next and snapshot.values:
+                raise NightError(f"night {night_id} already finished")
+        inputs = None if resume else {"night_id": night_id, "user_id": user_id,
+                                      "include_consumed": include_consumed}
+        async for update in graph.astream(inputs, config, context=deps, stream_mode="updates"):
+            for node, value in update.items():
+                if on_update:
+                    on_update(node, value or {})
+        state = (await graph.aget_state(config)).values
+    return deps.diary.finish(summarize(state, time.perf_counter() - t0))
+
+
+def summarize(state: dict, seconds: float) -> dict:
+    """The night's counts (the diary adds time and tokens per agent)."""
+    cands = list(state.get("candidates", {}).values())
+    ops = state.get("consolidation", {})
+    count = lambda status: sum(c["status"] == status for c in cands)  # noqa: E731
+    return {
+        "sessions": len(state.get("sessions", [])),
+        "candidates": len(cands),
+        "passed": sum(any(h.get("agent") == "verifier" and h.get("status") == "passed"
+                          for h in c["history"]) for c in cands),
+        "reshaped": sum(c["round"] > 0 for c in cands),
+        "rejected": count("rejected"),
+        "vetoed": count("vetoed"),
+        "approved": count("approved"),
+        "facts_routed": state.get("routed_chunks", 0),
+        "forget_requests": len(state.get("forget", [])),
+        "memories_added": len(ops.get("added", [])),
+        "superseded": len(ops.get("superseded", [])),
+        "duplicates": len(ops.get("duplicates", [])),
+        "deleted": len(ops.get("deleted", [])),
+        "dropped_on_request": len(ops.get("dropped", [])),
+        "training_set": state.get("training_set", ""),
+        "seconds": round(seconds, 1),
+    }

@@ -1,0 +1,190 @@
+"""The dream diary: every agent step of a night, for people to read.
+
+``diary/<night-id>/`` holds ``steps.jsonl`` (one :class:`DiaryStep` per line, appended as
+the night runs), ``transcript.md`` (the same steps as Markdown, top to bottom) and
+``summary.json`` (counts, time and tokens per agent). A resumed night appends to the same
+files; a step recorded twice (killed between writing it and checkpointing) is read once,
+by its deterministic ``step_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from pydantic import BaseModel, Field
+
+from memory.records import now
+
+
+class DiaryStep(BaseModel):
+    """One agent step. ``prompt`` is the rendered messages ``[{role, content}]``;
+    ``raw_output`` the model's text; ``parsed`` what was read from it; ``verdict`` e.g.
+    ``pass``/``fail``/``approve``/``veto``/``routed``; ``duration_s`` wall seconds."""
+
+    step_id: str
+    night_id: str
+    agent: str
+    at: datetime = Field(default_factory=now)
+    model: str = ""
+    temperature: Optional[float] = None
+    prompt: list[dict] = Field(default_factory=list)
+    raw_output: str = ""
+    parsed: Any = None
+    scores: dict = Field(default_factory=dict)
+    verdict: str = ""
+    reasons: list[str] = Field(default_factory=list)
+    round: int = 0
+    candidate_id: str = ""
+    memory_id: str = ""
+    session_id: str = ""
+    duration_s: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    attempts: int = 1
+    error: str = ""
+
+
+class Diary:
+    """Appends the steps of one night and renders them (thread-safe).
+
+    Args:
+        root: the diary folder (``paths.diary``).
+        night_id: the night's id; its files live in ``root/night_id``.
+    """
+
+    def __init__(self, root: Path, night_id: str):
+        self.dir = Path(root) / night_id
+        self.night_id = night_id
+        self._lock = threading.Lock()
+
+    @property
+    def steps_file(self) -> Path:
+        return self.dir / "steps.jsonl"
+
+    def record(self, step: DiaryStep) -> None:
+        """Append one step (flushed at once, so a killed night keeps what it did)."""
+        line = step.model_dump_json() + "\n"
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.steps_file, "a", encoding="utf-8") as f:
+                f.write(line)
+
+    def steps(self) -> list[DiaryStep]:
+        return read_steps(self.steps_file)
+
+    def finish(self, extra: dict) -> dict:
+        """Write ``summary.json`` (``extra`` plus per-agent time and tokens) and
+        ``transcript.md``; returns the summary."""
+        steps = self.steps()
+        summary = {"night_id": self.night_id, **extra, "agents": per_agent(steps)}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (self.dir / "transcript.md").write_text(render_markdown(self.night_id, steps, summary))
+        return summary
+
+
+def read_steps(path: Path) -> list[DiaryStep]:
+    """Steps of a ``steps.jsonl`` file, each ``step_id`` once (the last record wins)."""
+    if not Path(path).exists():
+        return []
+    by_id: dict[str, DiaryStep] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            step = DiaryStep.model_validate_json(line)
+            by_id.pop(step.step_id, None)
+            by_id[step.step_id] = step
+    return list(by_id.values())
+
+
+def per_agent(steps: Iterable[DiaryStep]) -> dict:
+    """``{agent: {steps, seconds, input_tokens, output_tokens}}``."""
+    table: dict[str, dict] = defaultdict(lambda: {"steps": 0, "seconds": 0.0,
+                                                  "input_tokens": 0, "output_tokens": 0})
+    for s in steps:
+        row = table[s.agent]
+        row["steps"] += 1
+        row["seconds"] = round(row["seconds"] + s.duration_s, 2)
+        row["input_tokens"] += s.input_tokens
+        row["output_tokens"] += s.output_tokens
+    return dict(table)
+
+
+def filter_steps(steps: list[DiaryStep], agent: str | None = None, memory: str | None = None,
+                 status: str | None = None) -> list[DiaryStep]:
+    """Steps of one agent, about one candidate or memory id, and/or with one verdict."""
+    out = steps
+    if agent:
+        out = [s for s in out if s.agent == agent]
+    if memory:
+        out = [s for s in out if memory in (s.candidate_id, s.memory_id)]
+    if status:
+        out = [s for s in out if s.verdict == status]
+    return out
+
+
+def _quote(text: str, limit: int = 1200) -> str:
+    text = text if len(text) <= limit else text[:limit] + f" … ({len(text)} chars)"
+    return "\n".join("> " + line for line in text.splitlines()) or "> (empty)"
+
+
+def render_step(s: DiaryStep) -> str:
+    """One step as Markdown."""
+    head = f"### {s.at:%H:%M:%S} {s.agent}"
+    if s.verdict:
+        head += f" — **{s.verdict}**"
+    meta = [f"model `{s.model}`" if s.model else "", f"temperature {s.temperature}"
+            if s.temperature is not None else "", f"round {s.round}" if s.round else "",
+            f"candidate `{s.candidate_id}`" if s.candidate_id else "",
+            f"memory `{s.memory_id}`" if s.memory_id else "",
+            f"session `{s.session_id}`" if s.session_id else "",
+            f"{s.duration_s:.1f} s" if s.duration_s else "",
+            f"{s.input_tokens}+{s.output_tokens} tokens" if s.input_tokens or s.output_tokens else "",
+            f"{s.attempts} attempts" if s.attempts > 1 else ""]
+    parts = [head, " · ".join(m for m in meta if m)]
+    if s.prompt:
+        last_user = next((m["content"] for m in reversed(s.prompt) if m.get("role") in ("user", "human")), "")
+        parts.append("Asked:\n\n" + _quote(last_user, 600))
+    if s.raw_output:
+        parts.append("Said:\n\n" + _quote(s.raw_output))
+    if s.scores:
+        parts.append("Scores: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in s.scores.items()))
+    if s.reasons:
+        parts.append("Reasons:\n" + "\n".join(f"- {r}" for r in s.reasons))
+    if s.error:
+        parts.append(f"Error: {s.error}")
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def render_markdown(night_id: str, steps: list[DiaryStep], summary: dict | None = None) -> str:
+    """The whole night as Markdown: a summary table, then every step in order."""
+    lines = [f"# Dream diary — night {night_id}", ""]
+    if summary:
+        lines += ["| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, (dict, list))]
+        lines += ["", "| agent | steps | seconds | tokens in | tokens out |", "|---|---|---|---|---|"]
+        for agent, row in summary.get("agents", {}).items():
+            lines.append(f"| {agent} | {row['steps']} | {row['seconds']} | {row['input_tokens']} "
+                         f"| {row['output_tokens']} |")
+        lines.append("")
+    for s in sorted(steps, key=lambda s: s.at):
+        lines.append(render_step(s))
+    return "\n".join(lines)
+
+
+def list_nights(root: Path) -> list[dict]:
+    """Every night in the diary folder with its summary (or ``unfinished``), oldest first."""
+    out = []
+    for d in sorted(Path(root).glob("*/")) if Path(root).exists() else []:
+        summary_file = d / "summary.json"
+        if summary_file.exists():
+            out.append(json.loads(summary_file.read_text()))
+        elif (d / "steps.jsonl").exists():
+            out.append({"night_id": d.name, "status": "unfinished",
+                        "steps": len(read_steps(d / "steps.jsonl"))})
+    return out
