@@ -3,15 +3,20 @@
 Facts come as Q&A with several phrasings of the question (a fact seen in one phrasing is
 memorised but not extractable: Allen-Zhu & Li, "Physics of Language Models 3.1", 2023),
 preferences and rules as one statement; every candidate cites the turn ids it came from.
-Cited turn ids are constrained to the window's own ids by the grammar.
+Cited turn ids are constrained to the window's own ids by the grammar, and with
+``night.extractive_answers`` a fact's answer must be words the user actually wrote (a
+135M model otherwise invents answers or copies the prompt's example; measured on the
+shipped sample day).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
 from memory.records import Candidate, Message, Session
 
@@ -31,11 +36,33 @@ class Dream(BaseModel):
     memories: list[DreamedMemory] = Field(default_factory=list, max_length=16)
 
 
-def grammar(turn_ids: list[str], max_candidates: int, phrasings: int) -> dict:
-    """Dream's JSON schema narrowed for one window: turn ids as an enum, list lengths capped."""
-    schema = Dream.model_json_schema()
+_SPAN_WORD = re.compile(r"[\w'$€£%@.:/-]+")
+
+
+def answer_spans(messages: list[Message], max_words: int = 6, limit: int = 600) -> list[str]:
+    """Every run of 1 to ``max_words`` words of the user's turns (trailing punctuation
+    stripped), at most ``limit``: the only answers an extractive dreamer may write."""
+    spans: dict[str, None] = {}
+    for m in messages:
+        if m.role != "user":
+            continue
+        words = [w.strip(".,:;!?'\"") for w in _SPAN_WORD.findall(m.content)]
+        words = [w for w in words if w]
+        for n in range(1, max_words + 1):
+            for i in range(len(words) - n + 1):
+                spans.setdefault(" ".join(words[i:i + n]), None)
+    return list(spans)[:limit]
+
+
+def grammar(turn_ids: list[str], max_candidates: int, phrasings: int,
+            spans: list[str] | None = None) -> dict:
+    """Dream's JSON schema narrowed for one window: turn ids as an enum, list lengths capped,
+    and with ``spans``, a fact's answer must be one of them (copied from the user's words)."""
+    schema = json_schema(Dream)
     item = schema["$defs"]["DreamedMemory"]
     item["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
+    if spans:
+        item["properties"]["answer"] = {"enum": [""] + list(spans)}
     item["properties"]["phrasings"]["maxItems"] = phrasings
     item["properties"]["phrasings"]["items"] = {"type": "string", "maxLength": 160}
     schema["properties"]["memories"]["maxItems"] = max_candidates
@@ -80,8 +107,11 @@ class Dreamer:
                      "date": f"{session.started_at:%Y-%m-%d}" if session.started_at else "unknown date",
                      "transcript": "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in window),
                      "max_candidates": self.night.max_candidates, "phrasings": self.night.phrasings}
+        spans = answer_spans(window) if self.night.extractive_answers else None
+        if spans == []:  # no user words in this window: nothing to remember
+            spans = None
         result = await call(self.model, self.prompt, variables, Dream, "dreamer", self.attempts,
-                            grammar(ids, self.night.max_candidates, self.night.phrasings))
+                            grammar(ids, self.night.max_candidates, self.night.phrasings, spans))
         if result.parsed is None:
             return [], result
         dream = result.parsed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
 from memory.identity import Identity
 from memory.records import Candidate, IdentityItem
@@ -19,7 +20,7 @@ class Review(BaseModel):
 
 
 def grammar() -> dict:
-    schema = Review.model_json_schema()
+    schema = json_schema(Review)
     item = schema["$defs"]["IdentityItem"]
     item["properties"]["question"]["maxLength"] = 120
     item["properties"]["answer"]["maxLength"] = 200

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from agents.dreamer import DreamedMemory
+from agents.dreamer import DreamedMemory, answer_spans
 from memory.records import Candidate, Session
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
 
 
-def grammar(turn_ids: list[str], phrasings: int) -> dict:
-    """DreamedMemory's schema with turn ids limited to the session's own."""
-    schema = DreamedMemory.model_json_schema()
+def grammar(turn_ids: list[str], phrasings: int, spans: list[str] | None = None) -> dict:
+    """DreamedMemory's schema with turn ids limited to the session's own (and, with
+    ``spans``, answers limited to the user's words, as for the dreamer)."""
+    schema = json_schema(DreamedMemory)
     schema["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
+    if spans:
+        schema["properties"]["answer"] = {"enum": [""] + list(spans)}
     schema["properties"]["phrasings"]["maxItems"] = phrasings
     return schema
 
@@ -34,7 +38,9 @@ class Reshaper:
                             {"transcript": session.transcript(cited), "kind": candidate.kind,
                              "memory": memory, "reasons": "; ".join(candidate.reasons) or "none given"},
                             DreamedMemory, "reshaper", self.attempts,
-                            grammar([m.turn_id for m in session.messages], self.night.phrasings))
+                            grammar([m.turn_id for m in session.messages], self.night.phrasings,
+                                    answer_spans([m for m in session.messages if m.turn_id in cited])
+                                    if self.night.extractive_answers else None))
         new = result.parsed
         history = candidate.history + [{"agent": "reshaper", "round": candidate.round,
                                         "before": candidate.content()}]

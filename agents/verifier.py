@@ -49,7 +49,7 @@ def salient(candidate: Candidate) -> tuple[set[str], set[str]]:
     joined = "\n".join(t for t in texts if t)
     must = set(_NUMBER.findall(joined)) | _names(joined)
     claim = candidate.answer if candidate.kind == "fact" else candidate.text
-    content = {w.lower() for w in _WORD.findall(claim) if len(w) > 3 and w.lower() not in _STOP}
+    content = {w.lower() for w in _WORD.findall(claim) if len(w) > 2 and w.lower() not in _STOP}
     return must, content
 
 
@@ -71,7 +71,9 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
         reasons.append(f"not in the cited turns ({', '.join(candidate.cites)}): {', '.join(absent)}")
     found_content = {w for w in content if w in source}
     items = len(must) + len(content)
-    score = 1.0 if items == 0 else (len(must) - len(absent) + len(found_content)) / items
+    if items == 0:
+        return 0.0, reasons + ["nothing checkable: no name, number or content word in the claim"]
+    score = (len(must) - len(absent) + len(found_content)) / items
     if content and len(found_content) < len(content) / 2:
         reasons.append("most of the claim's words are not in the cited turns: "
                        + ", ".join(sorted(content - found_content)))

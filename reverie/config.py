@@ -51,7 +51,7 @@ class RoleConfig(_Strict):
 
 def _default_roles() -> dict[str, RoleConfig]:
     return {
-        "dreamer": RoleConfig(temperature=1.2, top_p=0.95, min_p=0.05, max_tokens=384),
+        "dreamer": RoleConfig(temperature=1.1, top_p=1.0, min_p=0.1, max_tokens=384),
         "verifier": RoleConfig(temperature=0.1, max_tokens=256),
         "reshaper": RoleConfig(temperature=0.5, top_p=0.9, max_tokens=256),
         "persona": RoleConfig(temperature=0.2, max_tokens=256),
@@ -69,11 +69,12 @@ class NightConfig(_Strict):
     """The night's agents: how much they dream, how strictly they verify."""
 
     dream_bursts: int = Field(2, ge=1)
-    window_turns: int = Field(12, ge=2)
+    window_turns: int = Field(6, ge=2)
     max_candidates: int = Field(4, ge=1, le=16)
     phrasings: int = Field(3, ge=1, le=8)
     reshape_rounds: int = Field(2, ge=0)
-    min_importance: float = Field(0.3, ge=0.0, le=1.0)
+    extractive_answers: bool = True
+    min_importance: float = Field(0.2, ge=0.0, le=1.0)
     min_novelty: float = Field(0.1, ge=0.0, le=1.0)
     duplicate_similarity: float = Field(0.92, ge=0.0, le=1.0)
     supersede_similarity: float = Field(0.75, ge=0.0, le=1.0)

@@ -60,8 +60,9 @@ def schema_name(schema: Any) -> str:
 def json_schema(schema: type[BaseModel] | dict) -> dict:
     """The JSON schema of a pydantic model class, or a JSON-schema dict unchanged.
 
-    A pydantic model's objects get ``additionalProperties: false`` (pydantic ignores extra
-    keys, but a grammar that allows them lets a small model invent keys until max_tokens).
+    A pydantic model's objects get ``additionalProperties: false`` and every property
+    required (pydantic ignores extra keys and fills defaults, but a grammar that allows
+    either lets a small model invent keys or skip content until max_tokens).
     """
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         return _closed(schema.model_json_schema())
@@ -71,10 +72,13 @@ def json_schema(schema: type[BaseModel] | dict) -> dict:
 
 
 def _closed(node: Any) -> Any:
+    # Every object closed and every property required: a grammar that allows the model to
+    # skip fields or add its own lets a small model wander off the schema.
     if isinstance(node, dict):
         node = {k: _closed(v) for k, v in node.items()}
         if node.get("type") == "object" and "properties" in node:
             node.setdefault("additionalProperties", False)
+            node["required"] = list(node["properties"])
     elif isinstance(node, list):
         node = [_closed(v) for v in node]
     return node
