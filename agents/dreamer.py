@@ -74,6 +74,12 @@ def windows(session: Session, size: int) -> list[list[Message]]:
     return [session.messages[i:i + size] for i in range(0, len(session.messages), size)]
 
 
+def clean_phrasings(question: str, phrasings: list[str]) -> list[str]:
+    """Distinct rephrasings that are questions (end with "?") and differ from the question."""
+    return [p for p in dict.fromkeys(p.strip() for p in phrasings)
+            if p.endswith("?") and p.lower() != question.strip().lower()]
+
+
 def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str) -> list[Candidate]:
     """Candidates from a dream; ids are ``<prefix>:<n>`` (deterministic, for resumable nights).
     Drafts with no content (a fact without question or answer, a statement-less rule) are
@@ -84,7 +90,7 @@ def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str) ->
             continue
         if m.kind != "fact" and not (m.statement.strip() or m.answer.strip()):
             continue
-        phrasings = [p for p in dict.fromkeys(p.strip() for p in m.phrasings) if p and p != m.question]
+        phrasings = clean_phrasings(m.question, m.phrasings)
         out.append(Candidate(id=f"{prefix}:{n}", night_id=night_id, user_id=session.user_id,
                              session_id=session.session_id, kind=m.kind,
                              question=m.question.strip(), answer=m.answer.strip(),

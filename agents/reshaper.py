@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from agents.dreamer import DreamedMemory, answer_spans
+from agents.dreamer import DreamedMemory, answer_spans, clean_phrasings
 from memory.records import Candidate, Session
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
@@ -52,7 +52,7 @@ class Reshaper:
                 "reasons": candidate.reasons + ["the reshaper gave no usable rewrite"]}), result
         return candidate.model_copy(update={
             "kind": new.kind, "question": new.question.strip(), "answer": new.answer.strip(),
-            "phrasings": [p for p in new.phrasings if p.strip()],
+            "phrasings": clean_phrasings(new.question, new.phrasings),
             "text": (new.statement or new.answer).strip() if new.kind != "fact" else "",
             "cites": list(dict.fromkeys(new.turns)), "round": candidate.round + 1,
             "status": "pending", "reasons": [], "history": history}), result

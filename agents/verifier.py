@@ -20,7 +20,8 @@ VARIABLES = frozenset({"transcript", "kind", "memory"})
 _STOP = set("""a an and are as at be been but by can could did do does for from had has have he her
 him his how i if in into is it its me my no not of on or our she so than that the their them
 then there these they this to too up us was we were what when where which who why will with
-would you your yes user assistant about also just like really very""".split())
+would you your yes user assistant about also just like really very user's name names called
+thing things kind sort favorite favourite tell know question answer""".split())
 _NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
 _WORD = re.compile(r"[A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'-]*")
 
@@ -53,12 +54,19 @@ def salient(candidate: Candidate) -> tuple[set[str], set[str]]:
     return must, content
 
 
+def _stem(word: str) -> str:
+    return word[:-1] if word.endswith("s") and len(word) > 4 else word
+
+
 def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list[str]]:
     """Deterministic grounding in [0, 1] and the reasons it falls short.
 
-    The score is the share of salient items found in the cited turns (case-insensitive);
-    a missing number or name, or a cited turn that does not exist, is a reason. A candidate
-    citing nothing real scores 0."""
+    The score is the share of salient items found in the cited turns (case-insensitive):
+    numbers and names anywhere in the candidate, the claim's content words, and the
+    question's content words (a question about a cat, answered from a turn about a dog,
+    is not grounded). A missing number or name, a cited turn that does not exist, or most
+    of the claim's or the question's words missing is a reason. A candidate citing nothing
+    real, or with nothing checkable in it, scores 0."""
     turns = [session.turn(t) for t in candidate.cites]
     missing_turns = [t for t, m in zip(candidate.cites, turns) if m is None]
     source = "\n".join(m.content for m in turns if m is not None).lower()
@@ -70,10 +78,16 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
     if absent:
         reasons.append(f"not in the cited turns ({', '.join(candidate.cites)}): {', '.join(absent)}")
     found_content = {w for w in content if w in source}
-    items = len(must) + len(content)
+    asked = {w.lower() for w in _WORD.findall(candidate.question) if len(w) > 2
+             and w.lower() not in _STOP}
+    unasked = sorted(w for w in asked if _stem(w) not in source)
+    if asked and len(unasked) > len(asked) / 2:
+        reasons.append("the question is about something the cited turns do not mention: "
+                       + ", ".join(unasked))
+    items = len(must) + len(content) + len(asked)
     if items == 0:
         return 0.0, reasons + ["nothing checkable: no name, number or content word in the claim"]
-    score = (len(must) - len(absent) + len(found_content)) / items
+    score = (len(must) - len(absent) + len(found_content) + len(asked) - len(unasked)) / items
     if content and len(found_content) < len(content) / 2:
         reasons.append("most of the claim's words are not in the cited turns: "
                        + ", ".join(sorted(content - found_content)))

@@ -200,3 +200,22 @@ def test_a_real_night_on_the_default_model(settings, default_runtime):
     assert summary["candidates"] == summary["rejected"] + summary["approved"] + summary["vetoed"]
     assert summary["memories_added"] + summary["duplicates"] <= summary["approved"]
     assert open(summary["training_set"]).read().count('"identity"') >= 3
+
+
+def test_grounding_check_catches_invented_details():
+    from agents.verifier import grounding_check
+    from memory.records import Candidate
+
+    s = session("s1", "My dog Biscuit is 3 years old and I live in Porto.")
+
+    def cand(q, a, cites=("t1",)):
+        return Candidate(id="c", night_id="n", user_id="me", session_id="s1", kind="fact",
+                         question=q, answer=a, cites=list(cites))
+
+    score, reasons = grounding_check(cand("How old is the user's dog Biscuit?", "3 years old"), s)
+    assert score == 1.0 and reasons == []
+    assert grounding_check(cand("How old is the user's dog?", "5 years old"), s)[1]  # number
+    assert grounding_check(cand("Where does the user live?", "Lisbon"), s)[1]  # name
+    assert grounding_check(cand("What is the name of the user's cat?", "Porto"), s)[1]  # cat
+    assert grounding_check(cand("Where does the user live?", "Porto", ["t9"]), s)[0] == 0.0
+    assert grounding_check(cand("Is it?", "yes"), s)[0] == 0.0  # nothing checkable
