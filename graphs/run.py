@@ -109,6 +109,8 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
     else:
         night_id = new_night_id()
     deps = build_deps(settings, night_id, models, embedder)
+    if resume:  # the store and the index are not written in one transaction: re-align them
+        deps.index.sync(deps.store)
     started = deps.diary.dir / "started.json"
     if not resume:
         started.parent.mkdir(parents=True, exist_ok=True)

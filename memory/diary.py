@@ -102,13 +102,14 @@ def read_steps(path: Path) -> list[DiaryStep]:
 
 
 def per_agent(steps: Iterable[DiaryStep]) -> dict:
-    """``{agent: {steps, seconds, input_tokens, output_tokens}}``."""
-    table: dict[str, dict] = defaultdict(lambda: {"steps": 0, "seconds": 0.0,
+    """``{agent: {steps, call_seconds, input_tokens, output_tokens}}``; ``call_seconds`` adds
+    up each call's wall time, so concurrent calls can sum to more than the night took."""
+    table: dict[str, dict] = defaultdict(lambda: {"steps": 0, "call_seconds": 0.0,
                                                   "input_tokens": 0, "output_tokens": 0})
     for s in steps:
         row = table[s.agent]
         row["steps"] += 1
-        row["seconds"] = round(row["seconds"] + s.duration_s, 2)
+        row["call_seconds"] = round(row["call_seconds"] + s.duration_s, 2)
         row["input_tokens"] += s.input_tokens
         row["output_tokens"] += s.output_tokens
     return dict(table)
@@ -167,9 +168,10 @@ def render_markdown(night_id: str, steps: list[DiaryStep], summary: dict | None 
     if summary:
         lines += ["| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, (dict, list))]
-        lines += ["", "| agent | steps | seconds | tokens in | tokens out |", "|---|---|---|---|---|"]
+        lines += ["", "| agent | steps | call seconds (summed over concurrent calls) | tokens in "
+                  "| tokens out |", "|---|---|---|---|---|"]
         for agent, row in summary.get("agents", {}).items():
-            lines.append(f"| {agent} | {row['steps']} | {row['seconds']} | {row['input_tokens']} "
+            lines.append(f"| {agent} | {row['steps']} | {row['call_seconds']} | {row['input_tokens']} "
                          f"| {row['output_tokens']} |")
         lines.append("")
     for s in sorted(steps, key=lambda s: s.at):
