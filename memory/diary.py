@@ -130,7 +130,8 @@ def filter_steps(steps: list[DiaryStep], agent: str | None = None, memory: str |
 
 def _quote(text: str, limit: int = 1200) -> str:
     text = text if len(text) <= limit else text[:limit] + f" … ({len(text)} chars)"
-    return "\n".join("> " + line for line in text.splitlines()) or "> (empty)"
+    # two trailing spaces keep the quoted lines apart in rendered Markdown
+    return "\n".join("> " + line + "  " for line in text.splitlines()) or "> (empty)"
 
 
 def render_step(s: DiaryStep) -> str:
