@@ -1,0 +1,582 @@
+"""LoRA training of a night's adapter through mlx-lm's Python API.
+
+The night's handoff writes chat-format examples (``{"messages": [...]}``, one user question
+and one assistant answer each). This module turns them into ``(token_ids, offset)`` pairs
+rendered with the model's own chat template, trains LoRA layers on the last ``num_layers``
+blocks with a loss on the answer tokens only, and writes the adapter (``adapters.safetensors``
++ ``adapter_config.json``) atomically: into a hidden temporary folder first, moved into place
+when complete, so a crash never leaves half an adapter.
+
+Sources and measured facts (``/work/shared/FINDINGS.md``):
+
+- mlx-lm 0.32: ``linear_to_lora_layers(model, num_layers, {"rank", "scale", "dropout"})``
+  (the key is ``scale``, not ``alpha``), ``mlx_lm.tuner.trainer.train`` with a plain list of
+  ``(token_ids, offset)`` as the dataset; ``train()`` writes ``adapters.safetensors`` but not
+  ``adapter_config.json``.
+- mlx-lm's ``default_loss`` counts one padding token per padded row (its mask uses ``<=`` on
+  the lengths): a tiny model learns to emit the pad id. :func:`masked_loss` fixes that.
+- SmolLM2-135M, float32 + OpenBLAS, batch 4, loss on answers only: lr 1e-4, rank 16, last 8
+  layers, 150 steps learned 20/20 facts but collapsed general answers (2/25); the same with
+  the base model's own answers to other prompts mixed in 1:1 kept 20/25 (17/20 facts);
+  100 steps on the last 4 layers: 17/20 facts, 21/25 general. Mixing in those replay
+  answers is the caller's job (the training set), not this module's.
+- Iterations must scale with the data; a dangling generation prompt with no answer taught a
+  model to output nothing (the anchors' reports), so :func:`encode_examples` refuses rows
+  without an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+Progress = Callable[[int, int, float, float], None]
+"""``progress(step, total, loss, tokens_per_s)``: called after every optimizer step."""
+
+
+@dataclass
+class LoraArgs:
+    """Hyper-parameters of one night's LoRA run; all of them are saved with the adapter.
+
+    Attributes:
+        rank: LoRA rank r (16: FINDINGS' run that learned 20/20 facts).
+        scale: LoRA scaling of the low-rank update, ``y = W x + scale * B A x``. This IS
+            mlx-lm's ``lora_parameters.scale`` (other frameworks call the equivalent
+            ``alpha / r``; mlx-lm has no ``alpha``). Default 20.0, mlx-lm's own default
+            (``mlx_lm/lora.py`` CONFIG_DEFAULTS), which FINDINGS' measured runs used.
+        dropout: dropout on the LoRA input (0.0).
+        num_layers: LoRA on the last N transformer blocks (8; FINDINGS: 4 forgot slightly
+            less, 21/25 vs 20/25 general answers, and learned as many facts, 17/20).
+        learning_rate: peak AdamW learning rate (1e-4: FINDINGS and the anchors; 2e-4 and
+            above destroyed a 3B model, 5e-5 learned nothing, 3e-5 learned 4/20 facts).
+        warmup: linear warm-up steps from 0 to ``learning_rate``, then cosine decay to
+            ``final_learning_rate`` (capped at half the iterations for short runs).
+        final_learning_rate: end of the cosine decay (0.0, mlx's ``cosine_decay`` default).
+        weight_decay: AdamW weight decay (0.01, mlx's default).
+        batch_size: examples per step (4, as measured).
+        epochs: passes over the data; iterations = ceil(epochs * examples / batch_size),
+            clamped to [min_iters, max_iters] (see :func:`iterations`).
+        min_iters: lower bound on iterations, so a tiny night still moves the weights.
+        max_iters: upper bound (time: about 1.5 s per step for SmolLM2-135M on 2 CPU cores).
+        max_seq_length: tokens per example; longer examples are truncated, examples whose
+            prompt alone fills it are skipped (their answer would be cut entirely).
+        seed: seeds the LoRA initialisation (``mx.random``) and the batch order.
+        grad_checkpoint: gradient checkpointing (less memory, ~30% slower); note that
+            mlx-lm patches the transformer block class for the rest of the process.
+    """
+
+    rank: int = 16
+    scale: float = 20.0
+    dropout: float = 0.0
+    num_layers: int = 8
+    learning_rate: float = 1e-4
+    warmup: int = 10
+    final_learning_rate: float = 0.0
+    weight_decay: float = 0.01
+    batch_size: int = 4
+    epochs: float = 3.0
+    min_iters: int = 20
+    max_iters: int = 600
+    max_seq_length: int = 512
+    seed: int = 0
+    grad_checkpoint: bool = False
+
+    def lora_parameters(self) -> dict:
+        """mlx-lm's ``lora_parameters`` block: ``{"rank", "scale", "dropout"}``."""
+        return {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
+
+
+@dataclass
+class TrainResult:
+    """What one training run did.
+
+    Attributes:
+        adapter_dir: the finished adapter folder (``adapters.safetensors``,
+            ``adapter_config.json``).
+        iterations: optimizer steps taken.
+        train_loss: mean answer-token cross-entropy (nats/token) of the last step.
+        val_loss: mean answer-token cross-entropy over the validation rows after training
+            (None without validation rows).
+        val_loss_before: the same before training (None without validation rows).
+        tokens_per_second: answer (trained) tokens per second of training-step time;
+            prompt tokens are computed but not counted, as in mlx-lm's report.
+        trained_tokens: answer tokens seen in all steps.
+        seconds: wall-clock seconds of the whole call (validation and saving included).
+        losses: the loss of every step, in order (for plots).
+        learning_rates: the learning rate at every step.
+        n_examples: training examples used (after skipping over-long ones).
+    """
+
+    adapter_dir: Path
+    iterations: int
+    train_loss: float
+    val_loss: float | None
+    val_loss_before: float | None
+    tokens_per_second: float
+    trained_tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    n_examples: int = 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids:
+        return sorted(int(i) for i in ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [int(eos)] if eos is not None else []
+
+
+def _messages(row: Any, index: int) -> list[dict]:
+    messages = row.get("messages") if isinstance(row, dict) else row
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"row {index}: expected {{'messages': [...]}} with at least one turn")
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
+                or not isinstance(turn.get("content"), str):
+            raise ValueError(f"row {index}: every turn needs a string 'role' and 'content'")
+    last = messages[-1]
+    if last["role"] != "assistant" or not last["content"].strip():
+        # FINDINGS: a dangling generation prompt with no answer taught a model to say nothing.
+        raise ValueError(f"row {index}: the last turn must be a non-empty assistant answer "
+                         f"(got role {last['role']!r}, {len(last['content'])} characters)")
+    if len(messages) < 2 or all(t["role"] == "system" for t in messages[:-1]):
+        raise ValueError(f"row {index}: an assistant answer needs a user turn before it")
+    return messages
+
+
+def encode_examples(tokenizer, rows: Iterable[Any],
+                    max_seq_length: int = 512) -> list[tuple[list[int], int]]:
+    """Chat-format rows -> ``(token_ids, offset)`` pairs for :func:`train_adapter`.
+
+    Each row is ``{"messages": [{"role", "content"}, ...]}`` (optionally a system turn, then
+    user/assistant turns) whose last turn is the assistant answer to learn. The prompt (all
+    turns but the last, with the template's generation prompt) and the answer are rendered
+    with the tokenizer's chat template (``apply_chat_template(..., tokenize=False)``) and
+    encoded with ``add_special_tokens=False``, prompt and answer separately, so the token ids
+    are exactly those the model sees when it generates the answer. The answer keeps its
+    end-of-turn token (the first end-of-sequence id, e.g. ``<|im_end|>``) and nothing after it;
+    if the template emits none, ``tokenizer.eos_token_id`` is appended.
+
+    Args:
+        tokenizer: mlx-lm ``TokenizerWrapper`` or a transformers tokenizer with a chat
+            template.
+        rows: the examples.
+        max_seq_length: examples are truncated to this many tokens; an example whose prompt
+            alone has ``max_seq_length`` tokens or more is skipped with a warning.
+
+    Returns:
+        One ``(ids, offset)`` per kept row: ``offset`` is the number of prompt tokens, i.e.
+        the index of the first answer token; the loss covers ``ids[offset:]``.
+
+    Raises:
+        ValueError: a row is not chat-format, its last turn is not a non-empty assistant
+            answer, it has no user turn, or the template renders the prompt differently from
+            the start of the whole conversation (the offset would be wrong).
+    """
+    eos = _eos_ids(tokenizer)
+    out: list[tuple[list[int], int]] = []
+    for i, row in enumerate(rows):
+        messages = _messages(row, i)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"row {i}: the chat template renders the prompt differently "
+                             "from the start of the conversation; cannot locate the answer")
+        prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        answer_ids = list(tokenizer.encode(full[len(prompt):], add_special_tokens=False))
+        end = next((k for k, t in enumerate(answer_ids) if t in eos), None)
+        if end is not None:
+            answer_ids = answer_ids[:end + 1]
+        elif eos:
+            answer_ids.append(eos[0])
+        if len(prompt_ids) >= max_seq_length:
+            log.warning("row %d skipped: its prompt has %d tokens (max_seq_length %d)",
+                        i, len(prompt_ids), max_seq_length)
+            continue
+        out.append(((prompt_ids + answer_ids)[:max_seq_length], len(prompt_ids)))
+    return out
+
+
+def iterate_batches(dataset: Sequence[tuple[Sequence[int], int]], batch_size: int,
+                    max_seq_length: int, loop: bool = False, seed: int | None = None,
+                    comm_group=None):
+    """Batches for mlx-lm's ``train``/``evaluate`` (same signature and output as
+    ``mlx_lm.tuner.trainer.iterate_batches``).
+
+    Unlike mlx-lm's, it uses every example: mlx-lm sorts by length and drops the remainder
+    that does not fill a batch (always the longest examples). Here, with ``loop=True``
+    (training), batches are cut from a stream of seeded random permutations, so every example
+    is seen once per epoch and a short last batch borrows from the next epoch; with
+    ``loop=False`` (validation) each example is used once in order and the last batch may be
+    smaller.
+
+    Yields:
+        ``(batch, lengths)``: ``batch`` int32 ``[B, T]`` zero-padded with
+        ``T = min(1 + 32 * ceil(max_len / 32), max_seq_length)`` (mlx-lm's padding rule, which
+        bounds recompiles), ``lengths`` int32 ``[B, 2]`` holding ``(offset, length)`` per row.
+
+    Raises:
+        ValueError: empty dataset; NotImplementedError: distributed training.
+    """
+    if comm_group is not None and comm_group.size() > 1:
+        raise NotImplementedError("distributed training is not supported")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("no examples to batch")
+
+    def make(indices):
+        rows = [dataset[j] for j in indices]
+        lengths = [min(len(ids), max_seq_length) for ids, _ in rows]
+        width = min(1 + 32 * ((max(lengths) + 31) // 32), max_seq_length)
+        arr = np.zeros((len(rows), width), np.int32)
+        for r, ((ids, _), length) in enumerate(zip(rows, lengths)):
+            arr[r, :length] = ids[:length]
+        offsets = [int(off) for _, off in rows]
+        return mx.array(arr), mx.array(np.array(list(zip(offsets, lengths)), np.int32))
+
+    if not loop:
+        for start in range(0, n, batch_size):
+            yield make(range(start, min(start + batch_size, n)))
+        return
+    rng = np.random.default_rng(seed)
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending.extend(int(k) for k in rng.permutation(n))
+        indices, pending = pending[:batch_size], pending[batch_size:]
+        yield make(indices)
+
+
+def masked_loss(model: nn.Module, batch: mx.array, lengths: mx.array):
+    """Mean cross-entropy over answer tokens only; padding is never counted.
+
+    mlx-lm's trainer calls ``loss(model, *batch)`` with the output of ``iterate_batches``.
+    Position ``t`` of ``logits = model(batch[:, :-1])`` predicts token ``t + 1``; it counts
+    when ``offset <= t + 1 < length``. mlx-lm's ``default_loss`` uses ``<= length`` and so
+    also trains one padding token per padded row (FINDINGS).
+
+    Args:
+        model: a causal LM returning logits ``[B, T - 1, V]`` for inputs ``[B, T - 1]``.
+        batch: int token ids ``[B, T]`` (padding beyond each row's length, any id).
+        lengths: int ``[B, 2]``, ``(offset, length)`` per row: ``offset`` = index of the first
+            answer token, ``length`` = real tokens in the row.
+
+    Returns:
+        ``(loss, ntoks)``: scalar float32 mean cross-entropy in nats per answer token, and the
+        number of answer tokens (int scalar). With no answer token the loss is 0.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)
+    position = mx.arange(1, targets.shape[1] + 1)[None, :]
+    mask = mx.logical_and(position >= lengths[:, 0:1], position < lengths[:, 1:2])
+    ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
+    ntoks = mask.sum()
+    return ce.sum() / mx.maximum(ntoks, 1).astype(mx.float32), ntoks
+
+
+def iterations(n_examples: int, batch_size: int, epochs: float,
+               min_iters: int = 1, max_iters: int | None = None) -> int:
+    """Optimizer steps for ``epochs`` passes: ``ceil(epochs * n_examples / batch_size)``,
+    clamped to ``[min_iters, max_iters]`` (iterations must scale with the data: the anchors).
+
+    Raises:
+        ValueError: ``n_examples``, ``batch_size`` or ``epochs`` not positive, or
+            ``max_iters < min_iters``.
+    """
+    if n_examples <= 0 or batch_size <= 0 or epochs <= 0:
+        raise ValueError(f"need positive n_examples, batch_size and epochs, got "
+                         f"{n_examples}, {batch_size}, {epochs}")
+    if max_iters is not None and max_iters < min_iters:
+        raise ValueError(f"max_iters {max_iters} < min_iters {min_iters}")
+    steps = math.ceil(epochs * n_examples / batch_size - 1e-9)
+    steps = max(steps, min_iters)
+    return min(steps, max_iters) if max_iters is not None else steps
+
+
+def learning_rate_schedule(args: LoraArgs, iters: int) -> tuple[Callable, int]:
+    """Linear warm-up from 0 to ``args.learning_rate`` then cosine decay to
+    ``args.final_learning_rate`` at step ``iters`` (mlx-lm's ``build_schedule``).
+
+    Returns ``(schedule, warmup_steps)``; the warm-up is capped at ``iters // 2``."""
+    from mlx_lm.tuner.utils import build_schedule
+
+    warmup = max(0, min(args.warmup, iters // 2))
+    schedule = build_schedule({
+        "name": "cosine_decay",
+        "arguments": [args.learning_rate, max(iters - warmup, 1), args.final_learning_rate],
+        "warmup": warmup,
+        "warmup_init": 0.0,
+    })
+    return schedule, warmup
+
+
+# --------------------------------------------------------------------------- training
+
+
+class _QuietUI:
+    """Stands in for mlx-lm's rich ``TrainUI`` (which prints a line per report): Reverie
+    shows its own progress through the ``progress`` callback."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, *args, **kwargs):
+        pass
+
+    def report_train(self, *args, **kwargs):
+        pass
+
+    def report_val(self, *args, **kwargs):
+        pass
+
+    def report_save(self, *args, **kwargs):
+        pass
+
+    @contextlib.contextmanager
+    def val_task(self, *args, **kwargs):
+        yield lambda: None
+
+
+@contextlib.contextmanager
+def _quiet_trainer():
+    from mlx_lm.tuner import trainer
+
+    original = getattr(trainer, "TrainUI", None)
+    if original is None:
+        yield
+        return
+    trainer.TrainUI = _QuietUI
+    try:
+        yield
+    finally:
+        trainer.TrainUI = original
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("mlx", "mlx-lm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
+                  val_rows: Sequence[Any], args: LoraArgs, out_dir: Path,
+                  progress: Progress | None = None, overwrite: bool = False,
+                  quiet: bool = True) -> TrainResult:
+    """Train a LoRA adapter on chat-format rows and save it atomically to ``out_dir``.
+
+    Freezes ``model``, adds LoRA layers to its last ``args.num_layers`` blocks
+    (``mlx_lm.tuner.utils.linear_to_lora_layers``), and trains them with AdamW (warm-up then
+    cosine decay, :func:`learning_rate_schedule`) through ``mlx_lm.tuner.trainer.train`` for
+    :func:`iterations` steps, with :func:`masked_loss` (answer tokens only) and
+    :func:`iterate_batches` (every example, seeded order). The model is modified in place and
+    left in eval mode with its trained LoRA layers (``training.versions.fuse`` merges them).
+
+    The adapter is written to a hidden folder next to ``out_dir`` and renamed to ``out_dir``
+    only when ``adapters.safetensors`` and ``adapter_config.json`` are complete; on any
+    error that folder is removed. ``adapter_config.json`` has mlx-lm's keys
+    (``fine_tune_type``, ``num_layers``, ``lora_parameters``), so
+    ``mlx_lm.load(model, adapter_path=out_dir)`` reads it, plus a ``"reverie"`` block with
+    every hyper-parameter, the iterations, example counts, seed, losses and timestamps.
+
+    Args:
+        model: an mlx-lm model (float or quantized: QLoRA) without LoRA layers.
+        tokenizer: its tokenizer (chat template used by :func:`encode_examples`).
+        train_rows: chat-format rows (``{"messages": [...]}``).
+        val_rows: rows for the validation loss before and after training (may be empty).
+        args: hyper-parameters.
+        out_dir: the adapter folder to create (its parent is created if needed).
+        progress: ``progress(step, total, loss, answer_tokens_per_s)`` after every step.
+        overwrite: replace an existing ``out_dir`` (after the new adapter is complete).
+        quiet: hide mlx-lm's own console progress output.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False (checked first).
+        ValueError: malformed rows (see :func:`encode_examples`) or no usable example.
+        Whatever ``progress`` raises (the run stops, nothing is written to ``out_dir``).
+    """
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"adapter folder {out_dir} already exists")
+    started, tic = _now(), time.perf_counter()
+
+    train_set = encode_examples(tokenizer, train_rows, args.max_seq_length)
+    val_set = encode_examples(tokenizer, val_rows, args.max_seq_length)
+    if not train_set:
+        raise ValueError("no usable training example")
+    iters = iterations(len(train_set), args.batch_size, args.epochs,
+                       args.min_iters, args.max_iters)
+    schedule, warmup = learning_rate_schedule(args, iters)
+
+    mx.random.seed(args.seed)
+    model.freeze()
+    linear_to_lora_layers(model, args.num_layers, args.lora_parameters())
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+
+    def batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        return iterate_batches(dataset, batch_size, max_seq_length, loop=loop,
+                               seed=args.seed if seed is None else seed,
+                               comm_group=comm_group)
+
+    def val_loss() -> float | None:
+        if not val_set:
+            return None
+        return float(evaluate(model, val_set, args.batch_size, num_batches=-1,
+                              max_seq_length=args.max_seq_length, loss=masked_loss,
+                              iterate_batches=batches))
+
+    losses: list[float] = []
+    rates: list[float] = []
+    totals = {"seconds": 0.0, "tokens": 0}
+
+    class Callback(TrainingCallback):
+        def on_train_loss_report(self, info: dict):
+            losses.append(float(info["train_loss"]))
+            rates.append(float(info["learning_rate"]))
+            totals["seconds"] += 1.0 / max(float(info["iterations_per_second"]), 1e-12)
+            totals["tokens"] = int(info["trained_tokens"])
+            if progress is not None:
+                progress(int(info["iteration"]), iters, losses[-1],
+                         float(info["tokens_per_second"]))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        before = val_loss()
+        training_args = TrainingArgs(
+            batch_size=args.batch_size, iters=iters, val_batches=-1,
+            steps_per_report=1,               # every step: per-step losses and progress
+            steps_per_eval=iters + 1,         # validation is done here, before and after
+            steps_per_save=iters + 1,         # train() saves the final weights anyway
+            max_seq_length=args.max_seq_length,
+            adapter_file=str(tmp / ADAPTER_WEIGHTS),
+            grad_checkpoint=args.grad_checkpoint,
+        )
+        with _quiet_trainer() if quiet else contextlib.nullcontext():
+            train(model, optimizer, train_set, None, args=training_args, loss=masked_loss,
+                  iterate_batches=batches, training_callback=Callback())
+        after = val_loss()
+        model.eval()
+        tokens_per_s = totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0
+        result = TrainResult(
+            adapter_dir=out_dir, iterations=iters, train_loss=losses[-1] if losses else
+            float("nan"), val_loss=after, val_loss_before=before,
+            tokens_per_second=tokens_per_s, trained_tokens=totals["tokens"],
+            seconds=0.0, losses=losses, learning_rates=rates, n_examples=len(train_set))
+        config = {
+            "fine_tune_type": "lora",
+            "num_layers": args.num_layers,
+            "lora_parameters": args.lora_parameters(),
+            "reverie": {
+                **asdict(args),
+                "iterations": iters,
+                "warmup_steps": warmup,
+                "schedule": "linear warm-up from 0, then cosine decay",
+                "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
+                              "weight_decay": args.weight_decay},
+                "loss": "cross-entropy on answer tokens only (training.lora.masked_loss)",
+                "n_rows": len(train_rows),
+                "n_examples": len(train_set),
+                "n_val_rows": len(val_rows),
+                "n_val_examples": len(val_set),
+                "train_loss": result.train_loss,
+                "val_loss_before": before,
+                "val_loss": after,
+                "trained_tokens": totals["tokens"],
+                "tokens_per_second": tokens_per_s,
+                "losses": losses,
+                "started_at": started,
+                "finished_at": _now(),
+                "versions": _versions(),
+            },
+        }
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if not (tmp / ADAPTER_WEIGHTS).is_file():
+            raise RuntimeError(f"mlx-lm did not write {ADAPTER_WEIGHTS}")
+        if out_dir.exists():  # overwrite: move the old one aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
+            out_dir.replace(old / out_dir.name)
+            tmp.replace(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    result.seconds = time.perf_counter() - tic
+    return result
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """The adapter's ``adapter_config.json`` as a dict (FileNotFoundError if missing)."""
+    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Apply a saved adapter to ``model`` in place (``mlx_lm.tuner.utils.load_adapters``):
+    LoRA layers as described by ``adapter_config.json``, weights from
+    ``adapters.safetensors``. Returns the model, evaluated, in eval mode.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing.
+        ValueError: the adapter's tensors do not fit the model (mlx-lm's check).
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    adapter_dir = Path(adapter_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir / name} not found")
+    load_adapters(model, str(adapter_dir))
+    mx.eval(model.parameters())
+    model.eval()
+    return model

@@ -1,0 +1,502 @@
+"""Model versions: each one a complete mlx-lm model folder, switched atomically.
+
+Layout under ``root`` (``Paths.versions``, i.e. ``data/models/versions``)::
+
+    base/                 config.json, model.safetensors, tokenizer files, version.json
+    night-2026-11-21/     the same, for the model after that night's adapter was fused
+    active.json           {"name": "night-2026-11-21", "previous": "base", "activated_at": ...}
+    .staging-<name>-xxxx/ a version being written (ignored, removed by prune)
+
+Every version folder loads with ``mlx_lm.load(folder)``. A version exists only once its
+folder has been renamed from a ``.staging-*`` folder to its name, which happens after all of
+its files, ``version.json`` last, are written and synced: ``os.rename`` within one directory
+is atomic on POSIX, so a crash while training, fusing or saving leaves at worst a hidden
+staging folder and never a half-written version. The active version is named by
+``active.json``, replaced atomically (temporary file + ``os.replace``); a JSON pointer rather
+than a symlink because it also records the previous version and the time, and works on every
+filesystem. The active model folder itself is never written to.
+
+Weights are saved as float32 (fusing into a quantized base and re-quantizing would erase the
+small LoRA updates: FINDINGS, "Fusing").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+VERSION_FILE = "version.json"
+ACTIVE_FILE = "active.json"
+WEIGHTS_FILE = "model.safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class UnknownVersion(KeyError, ValueError):
+    """No complete version of that name; the message lists the known ones. Both a
+    ``KeyError`` and a ``ValueError``, so either ``except`` catches it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def _dequantized_weight(module: nn.Module, dtype) -> mx.array:
+    mode = getattr(module, "mode", "affine")
+    scales = module.scales.astype(mx.float32) if mode == "affine" else module.scales
+    biases = getattr(module, "biases", None)
+    if biases is not None and mode == "affine":
+        biases = biases.astype(mx.float32)
+    # float16 scales would make the product float16 (reverie/runtime/gguf.py)
+    weight = mx.dequantize(module.weight, scales, biases, group_size=module.group_size,
+                           bits=module.bits, mode=mode)
+    return weight.astype(dtype)
+
+
+def float_weights(model: nn.Module, dtype=mx.float32) -> dict[str, mx.array]:
+    """The model's parameters as a flat ``{name: array}`` dict with every floating tensor in
+    ``dtype``; quantized layers (``QuantizedLinear``/``QuantizedEmbedding``) are dequantized
+    in float32 first. The model is not modified.
+
+    Raises:
+        ValueError: the model still has LoRA (or other fusable) layers: :func:`fuse` first.
+    """
+    unfused = [name for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if unfused:
+        raise ValueError(f"model has unfused adapter layers ({unfused[0]}, ...): fuse() first")
+    weights = dict(tree_flatten(model.parameters()))
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            prefix = f"{name}." if name else ""
+            for key in ("weight", "scales", "biases"):
+                weights.pop(prefix + key, None)
+            weights[prefix + "weight"] = _dequantized_weight(module, dtype)
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()}
+
+
+def model_config(model: nn.Module, tokenizer=None) -> dict:
+    """``config.json`` for mlx-lm from ``model.args`` (every ModelArgs field, including
+    ``rope_traditional``); ``None`` values are dropped (transformers 5 rejects nulls in
+    config.json when loading a tokenizer: FINDINGS). With a tokenizer, ``eos_token_id`` lists
+    its end-of-sequence ids (mlx-lm reads them back from here).
+
+    Raises:
+        ValueError: the model has no dataclass ``args`` with a ``model_type``.
+    """
+    args = getattr(model, "args", None)
+    if args is None or not is_dataclass(args) or not getattr(args, "model_type", None):
+        raise ValueError("model has no mlx-lm ModelArgs (model.args with model_type)")
+    config = {k: v for k, v in asdict(args).items() if v is not None}
+    if tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_ids", None) or (
+            [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None
+            else [])
+        if eos:
+            config["eos_token_id"] = sorted(int(i) for i in eos)
+    return dict(sorted(config.items()))
+
+
+def save_model_dir(model: nn.Module, tokenizer, out_dir: Path, dtype=mx.float32) -> Path:
+    """Write ``model`` and ``tokenizer`` as an mlx-lm model folder that ``mlx_lm.load`` reads.
+
+    Files: ``config.json`` (:func:`model_config`), ``model.safetensors`` (:func:`float_weights`,
+    float32 by default, ``mx.save_safetensors`` with ``format: mlx`` metadata) and the
+    tokenizer's ``save_pretrained`` files (``tokenizer.json``, ``tokenizer_config.json``,
+    ``chat_template.jinja``; for a ``TokenizerWrapper`` its wrapped transformers tokenizer).
+    Write into a staging folder (:meth:`Versions.stage`), not into a live version.
+
+    Args:
+        model: an mlx-lm model (LoRA layers fused, see :func:`fuse`).
+        tokenizer: an mlx-lm ``TokenizerWrapper`` or a transformers tokenizer.
+        out_dir: the folder (created if missing).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: unfused LoRA layers, or no ``model.args``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model_config(model, tokenizer)
+    weights = float_weights(model, dtype)
+    mx.save_safetensors(str(out_dir / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+    hf_tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _fuse_lora_linear(layer, dtype) -> nn.Linear:
+    """``LoRALinear.fuse(dequantize=True)`` computed in float32: mlx-lm's dequantizes with
+    the scales' dtype (float16 for GGUF) and adds the update in that dtype."""
+    linear = layer.linear
+    if isinstance(linear, nn.QuantizedLinear):
+        weight = _dequantized_weight(linear, mx.float32)
+    else:
+        weight = linear.weight.astype(mx.float32)
+    delta = (layer.scale * layer.lora_b.astype(mx.float32).T) @ layer.lora_a.astype(mx.float32).T
+    output_dims, input_dims = weight.shape
+    bias = "bias" in linear
+    fused = nn.Linear(input_dims, output_dims, bias=bias)
+    fused.weight = (weight + delta).astype(dtype)
+    if bias:
+        fused.bias = linear.bias.astype(dtype)
+    return fused
+
+
+def fuse(model: nn.Module, dtype=mx.float32) -> nn.Module:
+    """Merge every LoRA layer into its base weight, in place: ``W + scale * (A B)^T``.
+
+    ``LoRALinear`` layers become float ``nn.Linear`` (``dtype``, float32 by default; the sum
+    is done in float32, quantized bases dequantized with float32 scales), never re-quantized:
+    a re-quantized merge loses small updates (FINDINGS). Other fusable modules (DoRA,
+    switch layers) use their own ``fuse(dequantize=True)`` as ``mlx_lm/fuse.py`` does.
+    Layers without adapters are left as they are. Returns the model, evaluated.
+    """
+    from mlx_lm.tuner.lora import LoRALinear
+
+    fused = []
+    for name, module in model.named_modules():
+        if type(module) is LoRALinear:
+            fused.append((name, _fuse_lora_linear(module, dtype)))
+        elif hasattr(module, "fuse"):
+            fused.append((name, module.fuse(dequantize=True)))
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    mx.eval(model.parameters())
+    return model
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+class Versions:
+    """The model versions under ``root`` (see the module docstring for the layout).
+
+    Typical night::
+
+        versions = Versions(paths.versions)
+        staging = versions.stage("night-7")
+        try:
+            save_model_dir(fuse(model), tokenizer, staging)
+            ... validate the staged model ...
+            versions.commit(staging, "night-7", parent="night-6", info={...})
+        except BaseException:
+            versions.discard(staging); raise
+        versions.activate("night-7"); versions.prune(keep=5)
+
+    (:meth:`save_model` does stage, save and commit in one call.)
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # ---- reading
+
+    def _read(self, folder: Path) -> dict | None:
+        """version.json of a complete version folder, else None."""
+        if folder.name.startswith(".") or not folder.is_dir():
+            return None
+        try:
+            info = json.loads((folder / VERSION_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict) or info.get("name") != folder.name:
+            return None
+        return info
+
+    def _all(self) -> dict[str, dict]:
+        if not self.root.is_dir():
+            return {}
+        found = {}
+        for folder in self.root.iterdir():
+            info = self._read(folder)
+            if info is not None:
+                found[folder.name] = info
+        return found
+
+    def names(self) -> list[str]:
+        """Names of the complete versions, in :meth:`list` order."""
+        return [v["name"] for v in self.list()]
+
+    def _unknown(self, name: str) -> UnknownVersion:
+        known = ", ".join(self.names()) or "none"
+        return UnknownVersion(f"unknown model version {name!r} (known: {known})")
+
+    def path(self, name: str) -> Path:
+        """The folder of complete version ``name`` (loadable with ``mlx_lm.load``).
+
+        Raises:
+            UnknownVersion: no complete version of that name.
+        """
+        folder = self.root / name
+        if not _NAME.match(name) or self._read(folder) is None:
+            raise self._unknown(name)
+        return folder
+
+    def info(self, name: str) -> dict:
+        """The version's ``version.json`` (UnknownVersion if there is none)."""
+        return dict(self._read(self.path(name)))
+
+    def active(self) -> str | None:
+        """Name of the active version, or None if none was activated."""
+        try:
+            data = json.loads((self.root / ACTIVE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        name = data.get("name") if isinstance(data, dict) else None
+        return name if isinstance(name, str) else None
+
+    def list(self) -> list[dict]:
+        """Every complete version, parents before children (base first; siblings by
+        creation time), each its ``version.json`` plus ``"active"`` (bool) and ``"path"``.
+        Staging folders and folders without a valid ``version.json`` are ignored."""
+        versions = self._all()
+        active = self.active()
+        children: dict[str | None, list[str]] = {}
+        for name, info in versions.items():
+            parent = info.get("parent")
+            children.setdefault(parent if parent in versions else None, []).append(name)
+        for kids in children.values():
+            kids.sort(key=lambda n: (versions[n].get("created_at", ""), n))
+        ordered: list[str] = []
+        stack = list(reversed(children.get(None, [])))
+        while stack:
+            name = stack.pop()
+            ordered.append(name)
+            stack.extend(reversed(children.get(name, [])))
+        return [{**versions[n], "active": n == active, "path": str(self.root / n)}
+                for n in ordered]
+
+    def lineage(self, name: str) -> list[str]:
+        """``[root, ..., name]``: the chain of versions ``name`` descends from, e.g.
+        ``["base", "night-1", "night-2"]``, recorded at commit time (so it survives
+        pruning of intermediate versions). Raises UnknownVersion."""
+        return list(self.info(name).get("lineage") or [name])
+
+    # ---- writing
+
+    def stage(self, name: str) -> Path:
+        """A new empty hidden folder ``root/.staging-<name>-xxxx`` to write a version into
+        (then :meth:`commit` or :meth:`discard` it). Raises ValueError for a bad name."""
+        self._check_name(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=self.root))
+
+    def discard(self, staging: Path) -> None:
+        """Remove a staging folder (after a failure); ignores a missing one."""
+        staging = Path(staging)
+        if staging.name.startswith(".staging-") and staging.parent == self.root:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".json"):
+            raise ValueError(f"bad version name {name!r}: letters, digits, '.', '_', '-'")
+
+    def commit(self, staging: Path, name: str, parent: str | None,
+               info: dict | None = None) -> Path:
+        """Turn a staged folder into version ``name``, atomically.
+
+        Writes ``version.json`` (``name``, ``parent``, ``lineage``, ``created_at``,
+        ``night_id``, ``adapter``, ``metrics`` and any other keys of ``info``) into the
+        staging folder, syncs every file, then renames the folder to ``root/name`` in one
+        ``os.rename``. Does not activate it.
+
+        Args:
+            staging: a folder from :meth:`stage` holding a model (:func:`save_model_dir`).
+            name: the version's name (``base``, ``night-<night_id>``, ...).
+            parent: the version it was trained from (None for a base).
+            info: ``night_id``, ``adapter`` (path), ``metrics`` (dict) and any extra keys.
+
+        Returns:
+            The version's folder.
+
+        Raises:
+            ValueError: bad name, or the staging folder is not one of this root's or holds
+                no ``config.json``; FileExistsError: the version exists;
+            UnknownVersion: ``parent`` is not a complete version.
+        """
+        self._check_name(name)
+        staging = Path(staging)
+        if staging.parent.resolve() != self.root.resolve() \
+                or not staging.name.startswith(".staging-") or not staging.is_dir():
+            raise ValueError(f"{staging} is not a staging folder of {self.root}")
+        if not (staging / "config.json").is_file():
+            raise ValueError(f"{staging} holds no model (config.json missing)")
+        final = self.root / name
+        if final.exists():
+            raise FileExistsError(f"model version {name!r} already exists")
+        lineage = (self.lineage(parent) if parent is not None else []) + [name]
+        info = dict(info or {})
+        record = {
+            "name": name,
+            "parent": parent,
+            "lineage": lineage,
+            "created_at": _now(),
+            "night_id": info.pop("night_id", None),
+            "adapter": str(info["adapter"]) if info.get("adapter") is not None else None,
+            "metrics": info.pop("metrics", {}) or {},
+        }
+        info.pop("adapter", None)
+        record.update({k: v for k, v in info.items() if k not in record})
+        for file in staging.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        _write_json_atomic(staging / VERSION_FILE, record)
+        os.rename(staging, final)
+        _fsync(self.root)
+        return final
+
+    def save_model(self, name: str, model: nn.Module, tokenizer, parent: str | None = None,
+                   info: dict | None = None, activate: bool = False) -> Path:
+        """Stage, :func:`save_model_dir` and :meth:`commit` in one call; on any error the
+        staging folder is removed and nothing else changes. Optionally :meth:`activate`.
+
+        Turning the GGUF-loaded default model into the first version::
+
+            model, tok = load_gguf(gguf_path, quantized=False)
+            Versions(paths.versions).save_model("base", model, tok, activate=True)
+        """
+        staging = self.stage(name)
+        try:
+            save_model_dir(model, tokenizer, staging)
+            folder = self.commit(staging, name, parent, info)
+        except BaseException:
+            self.discard(staging)
+            raise
+        if activate:
+            self.activate(name)
+        return folder
+
+    def load(self, name: str | None = None):
+        """``mlx_lm.load`` of version ``name`` (the active one by default): ``(model,
+        tokenizer)``. Raises UnknownVersion (or LookupError when nothing is active)."""
+        import mlx_lm
+
+        if name is None:
+            name = self.active()
+            if name is None:
+                raise LookupError(f"no active model version in {self.root}")
+        return mlx_lm.load(str(self.path(name)))
+
+    def activate(self, name: str) -> None:
+        """Make ``name`` the active version: ``active.json`` is replaced atomically (readers
+        see the old or the new name, never a torn file). Raises UnknownVersion."""
+        self.path(name)
+        _write_json_atomic(self.root / ACTIVE_FILE,
+                           {"name": name, "previous": self.active(), "activated_at": _now()})
+
+    def rollback(self, to: str | None = None) -> str:
+        """Activate an earlier version and return its name.
+
+        Args:
+            to: the version to activate; by default the active version's parent (its nearest
+                ancestor still on disk when the parent was pruned). The rolled-back version
+                stays on disk (``rollback night-3`` can go forward again).
+
+        Raises:
+            UnknownVersion: ``to`` is not a complete version.
+            ValueError: ``to`` is None and nothing is active or the active version has no
+                ancestor left.
+        """
+        if to is not None:
+            self.activate(to)
+            return to
+        current = self.active()
+        if current is None:
+            raise ValueError(f"no active model version in {self.root} to roll back from")
+        known = self._all()
+        ancestors = [n for n in self.lineage(current)[:-1] if n in known]
+        if not ancestors:
+            raise ValueError(f"version {current!r} has no earlier version to roll back to")
+        self.activate(ancestors[-1])
+        return ancestors[-1]
+
+    def prune(self, keep: int) -> list[str]:
+        """Remove old versions: keep the ``keep`` most recent (by creation time), plus always
+        the active version and every root version (``base``, no parent). Also removes
+        leftover staging folders and folders without a complete ``version.json`` (do not
+        prune while another process is staging a version). Each folder is first renamed to
+        a hidden name and then deleted, so a crash mid-delete leaves no visible half version.
+
+        Returns:
+            The names of the removed versions. Raises ValueError if ``keep < 0``.
+        """
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        if not self.root.is_dir():
+            return []
+        versions = self._all()
+        active = self.active()
+        newest = sorted(versions, key=lambda n: (versions[n].get("created_at", ""), n),
+                        reverse=True)
+        protected = {n for n, v in versions.items() if v.get("parent") is None}
+        protected |= {active} if active else set()
+        protected |= set([n for n in newest if n not in protected][:keep])
+        removed = []
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir():
+                continue
+            name = folder.name
+            if name in versions and name in protected:
+                continue
+            if name.startswith(".trash-") or name.startswith(".staging-") \
+                    or name.startswith(".tmp-"):
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            if name.startswith("."):
+                continue
+            trash = Path(tempfile.mkdtemp(prefix=f".trash-{name}-", dir=self.root))
+            os.rename(folder, trash / name)
+            shutil.rmtree(trash, ignore_errors=True)
+            if name in versions:
+                removed.append(name)
+        return removed
