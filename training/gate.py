@@ -1,0 +1,134 @@
+"""The validation gate: closed-book checks before a new model version becomes active.
+
+Closed book means an empty context, no retrieval, greedy decoding. Four measures, each
+taken before and after a night's training:
+
+- recall of tonight's facts on held-out phrasings (never trained on);
+- recall of earlier nights' learned facts (the regression set: sequential edits erode
+  earlier ones, SEAL reports 38.3 -> 18.9 after 8 more; Zweiger et al. 2025);
+- a capability probe: general questions with checkable answers that the base model gets
+  right (``training/data/probe.jsonl``, shipped);
+- held-out loss on general chat text (``training/data/general_chat.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+
+DATA = Path(__file__).resolve().parent / "data"
+_STOP = set("a an the of to in on at is are was were and or for with my your his her their "
+            "it its be by as from that this".split())
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def probe_items() -> list[tuple[str, list[str]]]:
+    """The shipped capability probe: (question, accepted answers)."""
+    return [(r["question"], r["answers"]) for r in load_jsonl(DATA / "probe.jsonl")]
+
+
+def general_rows() -> list[dict]:
+    """Shipped general chat examples for the held-out loss."""
+    return load_jsonl(DATA / "general_chat.jsonl")
+
+
+def matches(output: str, expected: str) -> bool:
+    """Whole-word, case-insensitive: every content word of ``expected`` is in ``output``
+    (``expected`` itself when it has none, e.g. "4")."""
+    words = [w for w in re.findall(r"[\w'-]+", expected.lower()) if w not in _STOP] or \
+        [expected.lower().strip()]
+    text = output.lower()
+    return all(re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", text) for w in words if w)
+
+
+def answer(model, tokenizer, questions: Sequence[str], max_tokens: int = 48) -> list[str]:
+    """Greedy closed-book answers (batched with mlx-lm's ``batch_generate``)."""
+    from mlx_lm.generate import batch_generate
+
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False) for q in questions]
+    if not prompts:
+        return []
+    return batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts
+
+
+def recall(model, tokenizer, items: Sequence[tuple[str, Sequence[str]]]) -> tuple[float, list[dict]]:
+    """Share of ``(question, accepted answers)`` answered right, and the details per item.
+    An empty set scores ``nan``."""
+    outputs = answer(model, tokenizer, [q for q, _ in items])
+    details = [{"question": q, "expected": list(a), "output": o,
+                "correct": any(matches(o, x) for x in a)} for (q, a), o in zip(items, outputs)]
+    score = sum(d["correct"] for d in details) / len(details) if details else float("nan")
+    return score, details
+
+
+def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Mean per-token loss (nats) on the assistant answers of chat rows."""
+    from training.lora import encode_examples, masked_loss
+
+    examples = encode_examples(tokenizer, rows)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        batch = mx.array([ids + [0] * (width - len(ids)) for ids, _ in chunk])
+        lengths = mx.array([[off, len(ids)] for ids, off in chunk])
+        loss, ntoks = masked_loss(model, batch, lengths)
+        total += loss.item() * ntoks.item()
+        count += ntoks.item()
+    return total / max(count, 1)
+
+
+@dataclass
+class GateReport:
+    """Closed-book figures for one model: recalls in [0, 1] (nan when the set is empty),
+    ``capability`` as a count of probe questions right, loss in nats per token."""
+
+    new_recall: float
+    regression_recall: float
+    capability: int
+    capability_total: int
+    heldout_loss: float
+    details: dict = field(default_factory=dict)
+
+    def figures(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "details"}
+
+
+def evaluate(model, tokenizer, new_items, regression_items, probe, general) -> GateReport:
+    new, new_d = recall(model, tokenizer, new_items)
+    old, old_d = recall(model, tokenizer, regression_items)
+    cap, cap_d = recall(model, tokenizer, probe)
+    loss = heldout_loss(model, tokenizer, general)
+    return GateReport(new, old, round(cap * len(probe)) if probe else 0, len(probe), loss,
+                      {"new": new_d, "regression": old_d, "probe": cap_d})
+
+
+def decide(pre: GateReport, post: GateReport, cfg) -> tuple[bool, list[str]]:
+    """Promote or not, with the reasons. ``cfg`` has ``max_capability_drop`` (questions),
+    ``min_regression_keep`` (share of the pre recall kept), ``max_loss_increase`` (nats)
+    and ``min_new_recall`` (share)."""
+    reasons = []
+    if pre.capability - post.capability > cfg.max_capability_drop:
+        reasons.append(f"capability probe fell {pre.capability} -> {post.capability} of "
+                       f"{post.capability_total} (at most {cfg.max_capability_drop} allowed)")
+    if pre.regression_recall == pre.regression_recall and pre.regression_recall > 0 and \
+            post.regression_recall < cfg.min_regression_keep * pre.regression_recall:
+        reasons.append(f"earlier facts' recall fell {pre.regression_recall:.2f} -> "
+                       f"{post.regression_recall:.2f} (keep at least {cfg.min_regression_keep:.0%})")
+    if post.heldout_loss - pre.heldout_loss > cfg.max_loss_increase:
+        reasons.append(f"held-out loss rose {pre.heldout_loss:.3f} -> {post.heldout_loss:.3f} "
+                       f"(at most +{cfg.max_loss_increase})")
+    if post.new_recall == post.new_recall and post.new_recall < cfg.min_new_recall:
+        reasons.append(f"tonight's facts recalled {post.new_recall:.2f} on held-out phrasings "
+                       f"(at least {cfg.min_new_recall} needed)")
+    return not reasons, reasons
