@@ -5,7 +5,7 @@
                         pending ─▶ verify ───────────────────┼─────────────────────┤
                         failed (round < K) ─▶ reshape ───────┼─────────────────────┤
                         passed ─▶ consult (persona) ─────────┘─────────────────────┘
-                        nothing left ─▶ consolidate ─▶ handoff ─▶ END
+                        nothing left ─▶ consolidate ─▶ handoff ─▶ learn (forge) ─▶ END
 
 Independent agent calls fan out with ``Send`` so the local model batches them. State is
 plain JSON (records are dumped), checkpointed after every step by LangGraph's SQLite
@@ -57,6 +57,7 @@ class NightState(TypedDict, total=False):
     candidates: Annotated[dict[str, dict], merge]
     consolidation: dict
     training_set: str
+    forge: dict
 
 
 @dataclass
@@ -76,6 +77,7 @@ class NightDeps:
     similarity: Callable[[str, str], float]
     diary: Diary
     training_dir: Path
+    learner: Optional[Callable[..., Any]] = None  # training.forge.learn, or None: no training
 
 
 # -- nodes -----------------------------------------------------------------------------
@@ -251,6 +253,40 @@ def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     return {"training_set": str(path)}
 
 
+def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """The forge: train on tonight's memories; promote the new version or roll back."""
+    deps, night_id = runtime.context, state["night_id"]
+    if deps.learner is None:
+        return {"forge": {"skipped": "forge disabled"}}
+    added = set(state["consolidation"]["added"])
+    tonight = [m for m in (deps.store.get(i) for i in sorted(added)) if m and not m.superseded_by]
+    earlier = [m for m in deps.store.list(status=["verified", "learned"]) if m.id not in added]
+    items = list(deps.identity.core) + [i for c in state.get("candidates", {}).values()
+                                        if c["status"] == "approved"
+                                        for i in Candidate.model_validate(c).identity_items]
+    outcome = deps.learner(night_id, tonight, earlier, items)
+    for memory_id in outcome.learned:
+        m = deps.store.get(memory_id)
+        if m is not None and m.status != "learned":
+            m.status = "learned"
+            deps.store.update(m, reason=f"answered closed-book after night {night_id}")
+    for memory_id in outcome.replayed:
+        m = deps.store.get(memory_id)
+        if m is not None:
+            m.replays += 1
+            deps.store.update(m, reason=f"replayed in night {night_id}")
+    verdict = f"promoted {outcome.version}" if outcome.promoted else \
+        ("nothing to learn" if not outcome.pre else f"rolled back to {outcome.parent}")
+    deps.diary.record(DiaryStep(step_id="forge", night_id=night_id, agent="forge", verdict=verdict,
+                                reasons=outcome.reasons, duration_s=outcome.seconds,
+                                scores={f"{k} pre": v for k, v in outcome.pre.items()} |
+                                       {f"{k} post": v for k, v in outcome.post.items()},
+                                parsed={"counts": outcome.counts, "train": {
+                                    k: v for k, v in outcome.train.items() if k != "losses"}}))
+    result = {k: v for k, v in outcome.__dict__.items()}
+    return {"forge": result}
+
+
 # -- consolidation and hand-off helpers -------------------------------------------------
 
 def memory_id(candidate_id: str) -> str:
@@ -334,6 +370,7 @@ def build_graph() -> StateGraph:
     g.add_node("consult", consult)
     g.add_node("consolidate", consolidate)
     g.add_node("handoff", handoff)
+    g.add_node("learn", learn)
 
     g.add_edge(START, "gather")
     g.add_edge("gather", "route")
@@ -344,7 +381,8 @@ def build_graph() -> StateGraph:
     g.add_edge("reshape", "triage")
     g.add_edge("consult", "triage")
     g.add_edge("consolidate", "handoff")
-    g.add_edge("handoff", END)
+    g.add_edge("handoff", "learn")
+    g.add_edge("learn", END)
     return g
 
 

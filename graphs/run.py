@@ -36,7 +36,8 @@ class NightError(RuntimeError):
     """A night cannot start or resume (e.g. nothing to resume)."""
 
 
-def build_deps(settings: Settings, night_id: str, models: dict, embedder) -> NightDeps:
+def build_deps(settings: Settings, night_id: str, models: dict, embedder,
+               learner=None) -> NightDeps:
     """The graph's dependencies. ``models`` maps each role (dreamer, verifier, reshaper,
     persona) to a LangChain chat model; ``embedder`` has ``embed(texts) -> (n, d)`` unit rows."""
     import chromadb
@@ -70,7 +71,7 @@ def build_deps(settings: Settings, night_id: str, models: dict, embedder) -> Nig
         persona=PersonaConsultant(models["persona"], prompt("persona"), identity, attempts),
         identity=identity, daylog=DayLog(paths.days), store=MemoryStore(paths.memories_db),
         facts=FactStore(client, ef), index=index, similarity=similarity,
-        diary=Diary(paths.diary, night_id), training_dir=paths.training_sets)
+        diary=Diary(paths.diary, night_id), training_dir=paths.training_sets, learner=learner)
 
 
 def unfinished_night(settings: Settings) -> Optional[str]:
@@ -82,7 +83,9 @@ def unfinished_night(settings: Settings) -> Optional[str]:
 async def run_night(settings: Settings, models: dict | None = None, embedder=None,
                     runtime=None, resume: bool | str = False, user_id: str | None = None,
                     include_consumed: bool = False,
-                    on_update: Callable[[str, dict], Any] | None = None) -> dict:
+                    on_update: Callable[[str, dict], Any] | None = None,
+                    learner: Callable | None | bool = True,
+                    on_train: Callable[[int, int, float, float], None] | None = None) -> dict:
     """Run (or resume) one night and return its summary.
 
     Args:
@@ -93,6 +96,10 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
         user_id: only this user's sessions (default: every user's).
         include_consumed: also sessions an earlier night consumed.
         on_update: called with (node name, its state update) as the graph runs.
+        learner: ``True`` trains with :func:`training.forge.learn` when ``forge.enabled``;
+            ``None``/``False`` stops at the training set; or a callable taking
+            ``(night_id, tonight, earlier, identity_items)`` and returning a ForgeOutcome.
+        on_train: ``(step, total, loss, tokens_per_s)`` while the forge trains.
 
     Raises:
         NightError: ``resume`` asked for but there is no unfinished night.
@@ -108,7 +115,14 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
             raise NightError("no unfinished night to resume (see `reverie diary list`)")
     else:
         night_id = new_night_id()
-    deps = build_deps(settings, night_id, models, embedder)
+    if learner is True:
+        learner = None
+        if settings.forge.enabled:
+            from training.forge import learn_in_thread
+
+            def learner(night, tonight, earlier, items):
+                return learn_in_thread(settings, night, tonight, earlier, items, progress=on_train)
+    deps = build_deps(settings, night_id, models, embedder, learner or None)
     if resume:  # the store and the index are not written in one transaction: re-align them
         deps.index.sync(deps.store)
     started = deps.diary.dir / "started.json"
@@ -158,5 +172,6 @@ def summarize(state: dict, seconds: float) -> dict:
         "deleted": len(ops.get("deleted", [])),
         "dropped_on_request": len(ops.get("dropped", [])),
         "training_set": state.get("training_set", ""),
+        "forge": {k: v for k, v in state.get("forge", {}).items() if k not in ("losses",)},
         "seconds": round(seconds, 1),
     }

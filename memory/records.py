@@ -102,6 +102,7 @@ class Memory(BaseModel):
     associated: list[str] = Field(default_factory=list)
     superseded_by: Optional[str] = None
     night_id: str = ""
+    replays: int = 0
     history: list[dict] = Field(default_factory=list)
 
     def statement(self) -> str:

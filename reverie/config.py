@@ -83,6 +83,33 @@ class NightConfig(_Strict):
     verbatim_min_chars: int = Field(600, ge=50)
 
 
+class ForgeConfig(_Strict):
+    """The forge: tonight's memories become weights, behind a validation gate."""
+
+    enabled: bool = True
+    model: str = "default"
+    phrasings: int = Field(5, ge=1)
+    identity_share: float = Field(0.2, ge=0.0, lt=1.0)
+    rehearsal_ratio: float = Field(1.0, ge=0.0)
+    replay_max: int = Field(20, ge=0)
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(20.0, gt=0.0)
+    num_layers: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    warmup: int = Field(10, ge=0)
+    batch_size: int = Field(4, ge=1)
+    epochs: float = Field(4.0, gt=0.0)
+    min_iters: int = Field(20, ge=1)
+    max_iters: int = Field(300, ge=1)
+    max_seq_length: int = Field(512, ge=32)
+    seed: int = 0
+    keep_versions: int = Field(3, ge=1)
+    min_new_recall: float = Field(0.0, ge=0.0, le=1.0)
+    max_capability_drop: int = Field(1, ge=0)
+    min_regression_keep: float = Field(0.9, ge=0.0, le=1.0)
+    max_loss_increase: float = Field(0.25, ge=0.0)
+
+
 class PromptsConfig(_Strict):
     """Where the user's own prompt files live (searched before the shipped ones)."""
 
@@ -98,6 +125,7 @@ class Settings(_Strict):
     roles: dict[str, RoleConfig] = Field(default_factory=_default_roles)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
     night: NightConfig = Field(default_factory=NightConfig)
+    forge: ForgeConfig = Field(default_factory=ForgeConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     identity_file: Path | None = None
 

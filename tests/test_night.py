@@ -73,6 +73,7 @@ def night(settings, embedder, dreamer, verifier, reshaper=None, persona=None, **
     models = {"dreamer": dreamer, "verifier": verifier,
               "reshaper": reshaper or Fake(responses=["{}"]),
               "persona": persona or Fake(responses=[KEEP])}
+    kw.setdefault("learner", None)  # the forge is tested in test_forge_gate.py
     return asyncio.run(run_night(settings, models=models, embedder=embedder, **kw))
 
 
@@ -189,7 +190,7 @@ def test_a_real_night_on_the_default_model(settings, default_runtime):
         session_id="e2e", user_id="me", messages=[
             Message(turn_id="t1", role="user", content="Hi! My name is Ana and my cat is called Miso."),
             Message(turn_id="t2", role="assistant", content="Nice to meet you, Ana! Miso is a lovely name.")])])
-    summary = asyncio.run(run_night(settings, runtime=default_runtime))
+    summary = asyncio.run(run_night(settings, runtime=default_runtime, learner=None))
     steps = read_steps(settings.paths.diary / summary["night_id"] / "steps.jsonl")
     agents = {s.agent for s in steps}
     assert {"gather", "router", "dreamer", "verifier", "handoff"} <= agents

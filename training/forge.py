@@ -1,0 +1,185 @@
+"""The forge: from a night's verified memories to a promoted model version, or a rollback.
+
+    active version ──rehearsal answers──▶ training set ──pre-gate──▶ LoRA ──fuse (float32)──▶
+    staged version ──post-gate──▶ promote (commit + activate atomically) | discard
+
+A crash anywhere leaves the active version untouched: the new version is written into a
+staging folder and becomes a version (one rename) and then active (one atomic file
+replace) only after the gate passes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from reverie.config import Settings
+from reverie.runtime import fetch
+from training import dataset, gate
+from training.lora import LoraArgs, train_adapter
+from training.versions import Versions, fuse, save_model_dir
+
+
+@dataclass
+class ForgeOutcome:
+    """What the forge did: ``promoted`` with the new ``version``, or not, with ``reasons``."""
+
+    promoted: bool
+    version: str | None
+    parent: str | None
+    reasons: list[str] = field(default_factory=list)
+    pre: dict = field(default_factory=dict)
+    post: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    learned: list[str] = field(default_factory=list)
+    replayed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def lora_args(cfg) -> LoraArgs:
+    """LoRA settings from the ``forge`` config (alpha is mlx-lm's ``scale``)."""
+    return LoraArgs(rank=cfg.rank, scale=cfg.alpha, num_layers=cfg.num_layers,
+                    learning_rate=cfg.learning_rate, warmup=cfg.warmup, batch_size=cfg.batch_size,
+                    epochs=cfg.epochs, min_iters=cfg.min_iters, max_iters=cfg.max_iters,
+                    max_seq_length=cfg.max_seq_length, seed=cfg.seed)
+
+
+def ensure_base(settings: Settings, versions: Versions) -> str:
+    """Create and activate the ``base`` version from the configured model if there is none
+    yet (a float32 mlx-lm folder); returns the active version."""
+    if versions.active() is None:
+        if "base" not in versions.names():
+            model, tokenizer = load_source(settings, settings.models.chat[settings.forge.model])
+            versions.save_model("base", model, tokenizer, parent=None,
+                                info={"source": settings.models.chat[settings.forge.model]})
+        versions.activate("base")
+    return versions.active()
+
+
+def load_source(settings: Settings, source: str):
+    """The configured model in float32, for a base version."""
+    from reverie.runtime.gguf import load_gguf
+
+    if source.startswith("embedded:"):
+        model_ref = fetch.EMBEDDED[source.split(":", 1)[1]]
+        folder = fetch.ensure_model(settings.paths.model_cache, model_ref)
+        return load_gguf(folder / next(iter(model_ref.files)), quantized=False)
+    if source.endswith(".gguf"):
+        return load_gguf(Path(source).expanduser(), quantized=False)
+    import mlx_lm
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer = mlx_lm.load(source)
+    return dequantize_model(model), tokenizer
+
+
+def rehearsal_rows(model, tokenizer, n: int) -> list[dict]:
+    """The model's own greedy answers to the first ``n`` shipped rehearsal prompts."""
+    prompts = [r["prompt"] for r in gate.load_jsonl(gate.DATA / "rehearsal_prompts.jsonl")][:n]
+    answers = gate.answer(model, tokenizer, prompts, max_tokens=96)
+    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}],
+             "kind": "rehearsal"} for p, a in zip(prompts, answers) if a.strip()]
+
+
+def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
+          progress: Callable[[int, int, float, float], None] | None = None) -> ForgeOutcome:
+    """Train on tonight's memories and promote the result if the gate passes.
+
+    Args:
+        tonight: tonight's verified :class:`~memory.records.Memory` objects.
+        earlier: earlier nights' memories (verified or learned, not superseded): replay and
+            the regression set.
+        identity_items: identity Q&A pairs for the "old core".
+        progress: ``(step, total, loss, tokens_per_s)`` during training.
+
+    Returns:
+        The outcome; ``learned`` lists tonight's and replayed memory ids answered right on
+        held-out phrasings after promotion.
+    """
+    t0 = time.perf_counter()
+    cfg = settings.forge
+    versions = Versions(settings.paths.versions)
+    parent = ensure_base(settings, versions)
+    model, tokenizer = versions.load(parent)
+    n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
+    rehearsal = rehearsal_rows(model, tokenizer, round(cfg.rehearsal_ratio * n_facts))
+    ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed)
+    outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
+    if not tonight:
+        outcome.reasons = ["no new memories tonight: nothing to learn"]
+        return outcome
+    probe, general = gate.probe_items(), gate.general_rows()
+    pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general)
+    name = f"night-{night_id}"
+    adapter_dir = settings.paths.adapters / night_id
+    result = train_adapter(model, tokenizer, ts.rows, general[:8], lora_args(cfg), adapter_dir,
+                           progress=progress, overwrite=True)
+    fuse(model)
+    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general)
+    promote, reasons = gate.decide(pre, post, cfg)
+    outcome.pre, outcome.post, outcome.reasons = pre.figures(), post.figures(), reasons
+    outcome.train = {k: v for k, v in asdict(result).items() if k not in ("losses", "learning_rates")}
+    outcome.train["adapter_dir"] = str(result.adapter_dir)
+    outcome.train["losses"] = result.losses
+    if promote:
+        staging = versions.stage(name)
+        try:
+            save_model_dir(model, tokenizer, staging)
+            versions.commit(staging, name, parent, {"night_id": night_id, "adapter": str(adapter_dir),
+                                                    "metrics": {"pre": pre.figures(), "post": post.figures()}})
+        except BaseException:
+            versions.discard(staging)
+            raise
+        versions.activate(name)
+        versions.prune(cfg.keep_versions)
+        outcome.promoted, outcome.version = True, name
+        right = {d["question"] for d in post.details["new"] if d["correct"]}
+        outcome.learned = [m.id for m in tonight if any(q in right for q in
+                                                        dataset.phrasings_for(m, cfg.phrasings)[1:] if q)]
+    outcome.seconds = round(time.perf_counter() - t0, 1)
+    log_experiment(settings, night_id, outcome)
+    return outcome
+
+
+def learn_in_thread(*args, **kwargs) -> ForgeOutcome:
+    """:func:`learn` on a fresh thread whose MLX streams are freed when it ends (MLX keeps
+    per-thread streams and compiled-function caches; leaving them to process exit aborts
+    the process now and then: MLX issue #3126)."""
+    import mlx.core as mx
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = learn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["err"] = exc
+        finally:
+            mx.clear_streams()
+
+    thread = threading.Thread(target=run, name="reverie-forge")
+    thread.start()
+    thread.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def log_experiment(settings: Settings, night_id: str, outcome: ForgeOutcome) -> None:
+    """One JSON line per night in ``experiments.jsonl``: settings, pre, post, deltas."""
+    deltas = {k: (outcome.post[k] - outcome.pre[k]) for k in outcome.post
+              if isinstance(outcome.post.get(k), (int, float)) and isinstance(outcome.pre.get(k), (int, float))}
+    line = {"night_id": night_id, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "forge": settings.forge.model_dump(), "promoted": outcome.promoted,
+            "version": outcome.version, "parent": outcome.parent, "reasons": outcome.reasons,
+            "counts": outcome.counts, "pre": outcome.pre, "post": outcome.post, "deltas": deltas,
+            "train": {k: v for k, v in outcome.train.items() if k != "losses"}}
+    path = settings.paths.experiments
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, default=str) + "\n")
