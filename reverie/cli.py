@@ -116,6 +116,39 @@ def models_list():
                                                              or Path(src).suffix else "hub"),
                       size, ", ".join(roles) or "-")
     console.print(table)
+    from training.versions import Versions
+
+    versions = Versions(settings.paths.versions)
+    listed = versions.list()
+    if listed:
+        active = versions.active()
+        lineage = Table(title=f"versions of model '{settings.forge.model}' ({versions.root})")
+        for col in ("version", "parent", "created", "night", "gate (post)", "active"):
+            lineage.add_column(col)
+        for v in listed:
+            post = (v.get("metrics") or {}).get("post", {})
+            gate_txt = (f"probe {post.get('capability')}/{post.get('capability_total')}, "
+                        f"new recall {post.get('new_recall')}") if post else "-"
+            lineage.add_row(v["name"], v.get("parent") or "-", str(v.get("created_at", ""))[:19],
+                            v.get("night_id") or "-", gate_txt, "*" if v["name"] == active else "")
+        console.print(lineage)
+        if active:
+            console.print("lineage: " + " → ".join(versions.lineage(active)))
+
+
+@app.command()
+def rollback(version: Optional[str] = typer.Argument(None, help="a version from `reverie models "
+                                                     "list` (default: the active one's parent)")):
+    """Make an earlier model version active again (atomic; nothing is deleted)."""
+    from training.versions import Versions
+
+    versions = Versions(state.settings().paths.versions)
+    try:
+        now_active = versions.rollback(version)
+    except (KeyError, ValueError, LookupError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"active model version: {now_active}")
 
 
 @app.command()

@@ -14,6 +14,7 @@ taken before and after a night's training:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,7 +126,9 @@ def decide(pre: GateReport, post: GateReport, cfg) -> tuple[bool, list[str]]:
             post.regression_recall < cfg.min_regression_keep * pre.regression_recall:
         reasons.append(f"earlier facts' recall fell {pre.regression_recall:.2f} -> "
                        f"{post.regression_recall:.2f} (keep at least {cfg.min_regression_keep:.0%})")
-    if post.heldout_loss - pre.heldout_loss > cfg.max_loss_increase:
+    if not math.isfinite(post.heldout_loss):
+        reasons.append(f"held-out loss is {post.heldout_loss} after training (diverged)")
+    elif post.heldout_loss - pre.heldout_loss > cfg.max_loss_increase:
         reasons.append(f"held-out loss rose {pre.heldout_loss:.3f} -> {post.heldout_loss:.3f} "
                        f"(at most +{cfg.max_loss_increase})")
     if post.new_recall == post.new_recall and post.new_recall < cfg.min_new_recall:

@@ -142,10 +142,24 @@ class Runtime:
         for loaded in self._models.values():
             loaded.engine.close()
 
+    def active_version(self, name: str) -> Path | None:
+        """The folder of the model version the forge promoted for model ``name`` (None when
+        the model has not learned anything yet, or is not the one the forge trains)."""
+        if name != self.settings.forge.model:
+            return None
+        from training.versions import Versions
+
+        versions = Versions(self.settings.paths.versions)
+        active = versions.active()
+        return versions.path(active) if active and active != "base" else None
+
     def _load(self, name: str, source: str) -> LoadedModel:
         rt = self.settings.runtime
         quantized = keep_quantized(rt.weights)
         path: Path | None = None
+        learned = self.active_version(name)
+        if learned is not None:  # what the model learned at night (float32 mlx-lm folder)
+            source = str(learned)
         if source.startswith("embedded:"):
             model_ref = _embedded(source)
             folder = fetch.ensure_model(self.cache, model_ref)
