@@ -232,6 +232,7 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
                       f"{verdicts['vetoed']} vetoed")
         table.add_row("consolidate", str(counts["consolidate"]), verdicts.get("ops", ""))
         table.add_row("handoff", str(counts["handoff"]), verdicts.get("training", ""))
+        table.add_row("forge", str(counts["learn"]), verdicts.get("forge", ""))
         return table
 
     with Live(render(), console=console, refresh_per_second=4) as live:
@@ -247,23 +248,36 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
                 verdicts["ops"] = ", ".join(f"{len(v)} {k}" for k, v in ops.items())
             elif node == "handoff":
                 verdicts["training"] = update.get("training_set", "")
+            elif node == "learn":
+                f = update.get("forge", {})
+                verdicts["forge"] = (f"promoted {f['version']}" if f.get("promoted") else
+                                     f.get("skipped") or "; ".join(f.get("reasons", [])) or
+                                     "rolled back")
             for c in update.get("candidates", {}).values():
                 key = {"dream": "candidates", "reshape": "reshaped"}.get(node, c["status"])
                 verdicts[key] += 1
             live.update(render())
 
+        def on_train(step: int, total: int, loss: float, tps: float) -> None:
+            verdicts["forge"] = f"training step {step}/{total}, loss {loss:.3f}, {tps:.0f} tok/s"
+            live.update(render())
+
         try:
             summary = asyncio.run(run_night(settings, runtime=runtime, user_id=user,
                                             resume=night_id or resume, include_consumed=reprocess,
-                                            on_update=on_update))
+                                            on_update=on_update, on_train=on_train))
         except (NightError, fetch.FetchError) as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc
         finally:
             runtime.close()
+    forge = summary.get("forge", {})
+    model = (f"model: promoted {forge['version']}" if forge.get("promoted") else
+             f"model: kept {forge.get('parent')} ({'; '.join(forge.get('reasons', []))})"
+             if forge.get("pre") else f"model: unchanged ({forge.get('skipped') or 'nothing to learn'})")
     console.print(f"night {summary['night_id']} done in {summary['seconds']} s: "
                   f"{summary['memories_added']} memories added, {summary['superseded']} superseded, "
-                  f"{summary['deleted']} deleted; diary: reverie diary show {summary['night_id']}")
+                  f"{summary['deleted']} deleted; {model}; diary: reverie diary show {summary['night_id']}")
 
 
 @diary_app.command("list")

@@ -21,15 +21,19 @@ from memory.records import IdentityItem, Memory
 
 TEMPLATES = ["Quick question: {q}", "{q} Answer briefly.", "Do you remember? {q}",
              "Tell me again: {q}", "I forgot, {q_lower}", "Remind me, {q_lower}"]
+# Held out when the dreamer wrote no rephrasing: never among the training templates.
+HELD_OUT_TEMPLATE = "Can you tell me this: {q_lower}"
 
 
 def phrasings_for(memory: Memory, n: int) -> tuple[list[str], str | None]:
-    """(training questions, held-out question or None). The held-out one is the last of
-    the dreamer's phrasings, when the fact has one besides its question."""
+    """(training questions, held-out question). The held-out one is the last of the
+    dreamer's phrasings when the fact has one besides its question, else a held-out
+    template (a weaker test: the wording around the question changes, the question not)."""
     own = list(dict.fromkeys([memory.question, *memory.phrasings]))
-    held_out = own.pop() if len(own) > 1 else None
-    train = list(own)
     q = memory.question
+    held_out = own.pop() if len(own) > 1 else \
+        HELD_OUT_TEMPLATE.format(q=q, q_lower=q[:1].lower() + q[1:])
+    train = list(own)
     for t in TEMPLATES:
         if len(train) >= n:
             break
