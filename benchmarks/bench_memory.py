@@ -49,11 +49,11 @@ FACTS = [
 ]
 
 SETTINGS = [  # (label, overrides of config.forge)
-    ("lr 1e-4, 4 layers, 4 epochs, rehearsal 1:1", {}),
-    ("lr 5e-5, 4 layers, 4 epochs, rehearsal 1:1", {"learning_rate": 5e-5}),
-    ("lr 1e-4, 4 layers, 4 epochs, rehearsal 2:1", {"rehearsal_ratio": 2.0}),
-    ("lr 1e-4, 4 layers, 4 epochs, no rehearsal", {"rehearsal_ratio": 0.0}),
-    ("lr 1e-4, 2 layers, rank 8, 4 epochs, rehearsal 1:1", {"num_layers": 2, "rank": 8}),
+    ("A: lr 1e-4, 4 layers, rank 16, 4 epochs, rehearsal 1:1", {"epochs": 4.0}),
+    ("B: lr 1e-4, 4 layers, rank 16, 2 epochs, rehearsal 1:1", {"epochs": 2.0}),
+    ("C: lr 5e-5, 2 layers, rank 8, 2 epochs, rehearsal 1:1",
+     {"epochs": 2.0, "learning_rate": 5e-5, "num_layers": 2, "rank": 8}),
+    ("D: lr 1e-4, 4 layers, rank 16, 2 epochs, no rehearsal", {"epochs": 2.0, "rehearsal_ratio": 0.0}),
 ]
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +32,7 @@ from agents.persona import PersonaConsultant
 from agents.reshaper import Reshaper
 from agents.router import forget_requests, verbatim_chunks
 from agents.verifier import Verifier
-from memory.daylog import DayLog
+from memory.daylog import DayLog, atomic_write_text
 from memory.diary import Diary, DiaryStep
 from memory.facts import FactStore, MemoryIndex
 from memory.identity import Identity
@@ -246,7 +244,7 @@ def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     candidates = [Candidate.model_validate(c) for c in state.get("candidates", {}).values()]
     rows = training_rows([m for m in memories if m is not None], candidates, deps.identity)
     path = deps.training_dir / f"{night_id}.jsonl"
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     deps.daylog.mark_consumed([Session.model_validate(s) for s in state["sessions"]], night_id)
     deps.diary.record(DiaryStep(step_id="handoff", night_id=night_id, agent="handoff",
                                 verdict=f"{len(rows)} training examples", raw_output=str(path)))
@@ -346,14 +344,6 @@ def training_rows(memories: list[Memory], candidates: list[Candidate], identity:
                                   {"role": "assistant", "content": item.answer}],
                      "kind": "identity"})
     return rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # -- the graph --------------------------------------------------------------------------
