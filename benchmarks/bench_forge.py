@@ -56,7 +56,11 @@ def theirs(model_dir: Path, data: Path, iters: int, out: Path) -> float:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"mlx_lm lora failed:\n{proc.stderr[-3000:]}")
-    rates = [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", proc.stdout + proc.stderr)]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+    # mlx-lm 0.32 reports "iter  train_loss  tok/s  tokens" rows (older versions: "Tokens/sec N")
+    rates = [float(m) for m in re.findall(r"^\s*\d+\s+[\d.]+\s*[▼▲]?\s+([\d.]+)\s+[\d.]+k?\s*$",
+                                          text, flags=re.M)]
+    rates = rates or [float(x) for x in re.findall(r"Tokens/sec ([\d.]+)", text)]
     if not rates:
         raise SystemExit(f"no Tokens/sec in mlx_lm output:\n{proc.stdout[-2000:]}")
     return sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]  # skip warm-up report

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
+
 import mlx.core as mx
 
 DATA = Path(__file__).resolve().parent / "data"
