@@ -164,12 +164,13 @@ def trained(smollm2_tokenizer, tmp_path_factory):
 def test_train_adapter_saves_a_complete_adapter(trained):
     model, tok, result, calls, out = trained
     assert result.iterations == 10                        # ceil(5 epochs * 8 rows / 4)
-    assert len(result.losses) == 10 and len(calls) == 10
-    assert [c[0] for c in calls] == list(range(1, 11)) and all(c[1] == 10 for c in calls)
+    assert len(result.losses) == 2 and len(calls) == 2     # a report every 5 steps
+    assert [c[0] for c in calls] == [5, 10] and all(c[1] == 10 for c in calls)
     assert result.losses[-1] < result.losses[0]
     assert result.val_loss < result.val_loss_before
     assert result.tokens_per_second > 0 and result.trained_tokens > 0
-    assert result.learning_rates[0] == 0.0 and max(result.learning_rates) == pytest.approx(1e-3)
+    # past the 2-step warm-up the cosine decay runs down from the 1e-3 peak
+    assert 1e-3 >= result.learning_rates[0] > result.learning_rates[1] >= 0.0
     print(f"\ntiny llama: {result.tokens_per_second:.0f} answer tok/s, "
           f"{result.seconds:.1f} s for {result.iterations} steps")
 
@@ -358,7 +359,7 @@ def test_training_crash_leaves_no_adapter(smollm2_tokenizer, tmp_path):
     model = tiny_llama(vocab_size=len(tok._tokenizer), seed=0)
 
     def progress(step, total, loss, tps):
-        if step == 3:
+        if step == 5:  # the first report
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
