@@ -7,6 +7,7 @@ the test session: ``REVERIE_TEST_CACHE`` or ``<repo>/data/models/cache``, the sa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def tiny_llama(vocab_size: int = 512, seed: int = 0):
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def tiny_loaded(tokenizer, seed: int):
+    """A tiny random llama with SmolLM2's tokenizer behind a running engine."""
+    from reverie.runtime.engine import Engine
+    from reverie.runtime.models import LoadedModel
+
+    model = tiny_llama(vocab_size=49152, seed=seed)
+    engine = Engine(model, list(tokenizer.eos_token_ids))
+    try:
+        yield LoadedModel("tiny", "test", model, tokenizer, engine, quantized=False)
+    finally:
+        engine.close()
 
 
 @pytest.fixture(scope="session")

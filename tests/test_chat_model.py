@@ -7,18 +7,14 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from reverie.runtime.chat_model import MLXChatModel, _StopScanner, to_chat_messages
-from reverie.runtime.engine import Engine
-from reverie.runtime.models import LoadedModel
 
-from conftest import tiny_llama
+from conftest import tiny_loaded
 
 
 @pytest.fixture(scope="module")
 def loaded(smollm2_tokenizer):
-    model = tiny_llama(vocab_size=49152, seed=1)
-    engine = Engine(model, list(smollm2_tokenizer.eos_token_ids))
-    yield LoadedModel("tiny", "test", model, smollm2_tokenizer, engine, quantized=False)
-    engine.close()
+    with tiny_loaded(smollm2_tokenizer, seed=1) as model:
+        yield model
 
 
 def test_messages_go_through_the_chat_template(loaded):

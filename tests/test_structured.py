@@ -8,11 +8,9 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from pydantic import BaseModel, Field
 
 from reverie.runtime.chat_model import MLXChatModel
-from reverie.runtime.engine import Engine
-from reverie.runtime.models import LoadedModel
 from reverie.runtime.structured import StructuredOutputError, structured
 
-from conftest import tiny_llama
+from conftest import tiny_loaded
 
 
 class Verdict(BaseModel):
@@ -27,10 +25,8 @@ class Score(BaseModel):
 
 @pytest.fixture(scope="module")
 def loaded(smollm2_tokenizer):
-    model = tiny_llama(vocab_size=49152, seed=2)
-    engine = Engine(model, list(smollm2_tokenizer.eos_token_ids))
-    yield LoadedModel("tiny", "test", model, smollm2_tokenizer, engine, quantized=False)
-    engine.close()
+    with tiny_loaded(smollm2_tokenizer, seed=2) as model:
+        yield model
 
 
 def test_grammar_mask_only_lets_valid_json_through(loaded):

@@ -246,8 +246,7 @@ class MLXChatModel(BaseChatModel):
             return so.invoke_with_retries(lambda: bound.invoke(messages), schema, role, attempts)
 
         async def acall(messages):
-            return await so.ainvoke_with_retries(lambda: bound.ainvoke(messages), schema, role,
-                                                 attempts)
+            return (await so.acall_structured(self, schema, messages, role, attempts)).parsed
 
         return RunnableLambda(call, afunc=acall, name=name)
 

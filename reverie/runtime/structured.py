@@ -179,17 +179,6 @@ def invoke_with_retries(invoke: Callable[[], Any], schema, role: str | None, att
         raise StructuredOutputError(role, schema_name(schema), exc.raw, attempts, exc.reason) from exc
 
 
-async def ainvoke_with_retries(ainvoke, schema, role: str | None, attempts: int) -> Any:
-    """Async :func:`invoke_with_retries` (``ainvoke`` is a coroutine function)."""
-    try:
-        async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
-                                           retry=retry_if_exception_type(_Invalid)):
-            with attempt:
-                return _check(await ainvoke(), schema)
-    except _Invalid as exc:
-        raise StructuredOutputError(role, schema_name(schema), exc.raw, attempts, exc.reason) from exc
-
-
 def structured(model, schema: type[BaseModel] | dict, role: str | None = None, attempts: int = 3):
     """A runnable that turns messages into a validated ``schema`` object, for any chat model.
 
@@ -212,7 +201,7 @@ def structured(model, schema: type[BaseModel] | dict, role: str | None = None, a
         return invoke_with_retries(lambda: inner.invoke(messages), schema, role, attempts)
 
     async def acall(messages):
-        return await ainvoke_with_retries(lambda: inner.ainvoke(messages), schema, role, attempts)
+        return (await acall_structured(model, schema, messages, role, attempts)).parsed
 
     return RunnableLambda(call, afunc=acall, name=f"structured[{schema_name(schema)}]")
 
@@ -250,15 +239,19 @@ async def acall_structured(model, schema: type[BaseModel], messages, role: str |
     """
     runnable = _raw_runnable(model, schema, grammar)
     usage = {"input_tokens": 0, "output_tokens": 0}
-    last = ""
-    for attempt in range(1, attempts + 1):
-        result = await runnable.ainvoke(messages)
-        message = result["raw"] if isinstance(result, dict) and "raw" in result else result
-        for key in usage:
-            usage[key] += (getattr(message, "usage_metadata", None) or {}).get(key, 0)
-        last = str(getattr(message, "content", message))
-        try:
-            return StructuredReply(_check(result, schema), last, attempt, usage)
-        except _Invalid as exc:
-            reason = exc.reason
-    raise StructuredOutputError(role, schema_name(schema), last, attempts, reason)
+    try:
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
+                                           retry=retry_if_exception_type(_Invalid)):
+            with attempt:
+                result = await runnable.ainvoke(messages)
+                message = result["raw"] if isinstance(result, dict) and "raw" in result else result
+                for key in usage:
+                    usage[key] += (getattr(message, "usage_metadata", None) or {}).get(key, 0)
+                raw = str(getattr(message, "content", message))
+                try:
+                    parsed = _check(result, schema)
+                except _Invalid as exc:
+                    raise _Invalid(raw, exc.reason) from exc
+                return StructuredReply(parsed, raw, attempt.retry_state.attempt_number, usage)
+    except _Invalid as exc:
+        raise StructuredOutputError(role, schema_name(schema), exc.raw, attempts, exc.reason) from exc
