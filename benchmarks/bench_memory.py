@@ -54,6 +54,8 @@ SETTINGS = [  # (label, overrides of config.forge)
     ("C: lr 5e-5, 2 layers, rank 8, 2 epochs, rehearsal 1:1",
      {"epochs": 2.0, "learning_rate": 5e-5, "num_layers": 2, "rank": 8}),
     ("D: lr 1e-4, 4 layers, rank 16, 2 epochs, no rehearsal", {"epochs": 2.0, "rehearsal_ratio": 0.0}),
+    ("E: lr 1e-4, 4 layers, rank 16, 2 epochs, rehearsal 1:1, identity 5%",
+     {"epochs": 2.0, "identity_share": 0.05}),
 ]
 
 
