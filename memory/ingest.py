@@ -392,17 +392,24 @@ def _read_reverie(path, file, user_id, records, unit):
     return sessions, errors
 
 
-def _read_openai(path, file, user_id, records, unit):
-    sessions, errors = [], []
+def _validated(records, parse, file, unit, errors):
+    """``(number, parsed)`` for each JSON object that ``parse`` accepts; every other record
+    adds its errors to ``errors`` and is skipped."""
     for number, obj in records:
         if not isinstance(obj, dict):
             errors.append(IngestError(file, number, "", "expected a JSON object", unit))
             continue
         try:
-            rec = _OpenAIRecord.parse(obj)
+            parsed = parse(obj)
         except ValidationError as exc:
             errors.extend(_errors_from(exc, file, number, unit))
             continue
+        yield number, parsed
+
+
+def _read_openai(path, file, user_id, records, unit):
+    sessions, errors = [], []
+    for number, rec in _validated(records, _OpenAIRecord.parse, file, unit, errors):
         messages, bad = [], False
         for i, m in enumerate(rec.messages):
             if m.role in _SKIPPED_ROLES or (m.content is None and m.tool_calls):
@@ -431,15 +438,7 @@ def _read_openai(path, file, user_id, records, unit):
 
 def _read_sharegpt(path, file, user_id, records, unit):
     sessions, errors = [], []
-    for number, obj in records:
-        if not isinstance(obj, dict):
-            errors.append(IngestError(file, number, "", "expected a JSON object", unit))
-            continue
-        try:
-            rec = _ShareGPTRecord.model_validate(obj)
-        except ValidationError as exc:
-            errors.extend(_errors_from(exc, file, number, unit))
-            continue
+    for _, rec in _validated(records, _ShareGPTRecord.model_validate, file, unit, errors):
         messages = [Message(turn_id=f"t{i}", role=_SHAREGPT_ROLES[t.from_], content=t.value)
                     for i, t in enumerate(rec.conversations, 1)]
         s = Session(session_id=str(rec.id) if rec.id is not None else "pending",

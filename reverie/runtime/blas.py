@@ -42,13 +42,11 @@ def preload_openblas(mode: str | None = None) -> str | None:
             warnings.warn("mlx.core was imported before reverie: OpenBLAS was not preloaded; "
                           "import reverie first for fast CPU matrix products", stacklevel=2)
         else:
-            path = _find_openblas()
+            path = _load_openblas()
             if path is None:
                 warnings.warn("libopenblas.so.0 not found: MLX falls back to its reference BLAS, "
                               f"about 17x slower prefill on the CPU. Install it: {INSTALL_HINT}",
                               stacklevel=2)
-            else:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     _state["path"] = path
     return path
 
@@ -58,11 +56,14 @@ def openblas_path() -> str | None:
     return _state.get("path")  # type: ignore[return-value]
 
 
-def _find_openblas() -> str | None:
-    for candidate in ("libopenblas.so.0", "libopenblas.so"):
+def _load_openblas() -> str | None:
+    """Load the first OpenBLAS found into the global symbol scope; its name, or None."""
+    for candidate in ("libopenblas.so.0", "libopenblas.so", ctypes.util.find_library("openblas")):
+        if not candidate:
+            continue
         try:
             ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
             return candidate
         except OSError:
             continue
-    return ctypes.util.find_library("openblas")
+    return None
