@@ -56,6 +56,13 @@ SETTINGS = [  # (label, overrides of config.forge)
     ("D: lr 1e-4, 4 layers, rank 16, 2 epochs, no rehearsal", {"epochs": 2.0, "rehearsal_ratio": 0.0}),
     ("E: lr 1e-4, 4 layers, rank 16, 2 epochs, rehearsal 1:1, identity 5%",
      {"epochs": 2.0, "identity_share": 0.05}),
+    # after the rehearsal prompts gained 60 short factual questions (disjoint from the probe)
+    # and cut-off rehearsal answers were dropped:
+    ("G: defaults (lr 1e-4, 4 layers, rank 16, 4 epochs, rehearsal 1:1)", {}),
+    ("H: as G, rehearsal by KL to the base (weight 1)", {"kl_weight": 1.0}),
+    ("I: as H, identity 5%", {"kl_weight": 1.0, "identity_share": 0.05}),
+    ("J: as I, attention only (q, v)", {"kl_weight": 1.0, "identity_share": 0.05,
+                                        "lora_keys": ["self_attn.q_proj", "self_attn.v_proj"]}),
 ]
 
 

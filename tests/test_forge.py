@@ -83,6 +83,55 @@ def test_masked_loss_counts_answer_tokens_only():
     assert int(default_ntoks) == count + 2
 
 
+def test_distil_loss_pulls_rehearsal_rows_toward_the_base_distribution():
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = tiny_llama(vocab_size=64, seed=2)
+    rng = np.random.default_rng(1)
+    batch = mx.array(rng.integers(1, 64, size=(2, 9)).astype(np.int32))
+    base_logits = model(batch[:, :-1])
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 20.0, "dropout": 0.0})
+    loss_fn = lora.distil_loss(0.5)
+    ce_only = mx.array([[2, 8, 0], [3, 9, 0]], mx.int32)
+    all_distil = mx.array([[2, 8, 1], [3, 9, 1]], mx.int32)
+    mixed = mx.array([[2, 8, 1], [3, 9, 0]], mx.int32)
+
+    # fresh LoRA (B = 0) computes the base exactly: no divergence yet, and CE rows = masked_loss
+    assert float(loss_fn(model, batch, all_distil)[0]) == pytest.approx(0.0, abs=1e-6)
+    ce, n = loss_fn(model, batch, ce_only)
+    ref, ref_n = masked_loss(model, batch, ce_only[:, :2])
+    assert int(n) == int(ref_n) == 6 + 6 and float(ce) == pytest.approx(float(ref), abs=1e-5)
+
+    # move the adapter: the KL grows, base_outputs still gives the base logits
+    for layer in lora.lora_layers(model):
+        layer.lora_b = mx.array(rng.normal(0, 0.05, layer.lora_b.shape).astype(np.float32))
+    with lora.base_outputs(model):
+        assert np.allclose(np.array(model(batch[:, :-1])), np.array(base_logits), atol=1e-5)
+    assert all(layer.scale == 20.0 for layer in lora.lora_layers(model))
+    kl = float(loss_fn(model, batch, all_distil)[0])
+    assert kl > 1e-4
+    # weight scales the KL; a mixed batch averages the two kinds over all answer tokens
+    assert float(lora.distil_loss(1.0)(model, batch, all_distil)[0]) == pytest.approx(2 * kl, rel=1e-4)
+    ce_new = float(loss_fn(model, batch, ce_only)[0])
+    row_kl = float(loss_fn(model, batch[:1], all_distil[:1])[0])
+    row_ce = float(loss_fn(model, batch[1:], ce_only[1:])[0])
+    assert float(loss_fn(model, batch, mixed)[0]) == pytest.approx((row_kl + row_ce) / 2, rel=1e-4)
+    assert ce_new != pytest.approx(kl)
+    # gradients reach the adapter through the distilled rows only via the adapted side
+    grads = nn_grad(model, loss_fn, batch, all_distil)
+    assert any(np.abs(g).max() > 0 for k, g in grads.items() if "lora_b" in k)
+    with pytest.raises(ValueError):
+        lora.distil_loss(-1.0)
+
+
+def nn_grad(model, loss_fn, batch, lengths) -> dict[str, np.ndarray]:
+    import mlx.nn as nn
+
+    _, grads = nn.value_and_grad(model, lambda m, b, l: loss_fn(m, b, l)[0])(model, batch, lengths)
+    return {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
 def test_encode_examples_masks_prompt_and_keeps_end_of_turn(smollm2_tokenizer):
     tok = smollm2_tokenizer
     (ids, offset), = encode_examples(tok, rows(FACTS[:1]))

@@ -46,7 +46,8 @@ def lora_args(cfg) -> LoraArgs:
     return LoraArgs(rank=cfg.rank, scale=cfg.alpha, num_layers=cfg.num_layers,
                     learning_rate=cfg.learning_rate, warmup=cfg.warmup, batch_size=cfg.batch_size,
                     epochs=cfg.epochs, min_iters=cfg.min_iters, max_iters=cfg.max_iters,
-                    max_seq_length=cfg.max_seq_length, seed=cfg.seed)
+                    max_seq_length=cfg.max_seq_length, seed=cfg.seed, kl_weight=cfg.kl_weight,
+                    keys=cfg.lora_keys)
 
 
 def ensure_base(settings: Settings, versions: Versions) -> str:
@@ -78,12 +79,16 @@ def load_source(settings: Settings, source: str):
     return dequantize_model(model), tokenizer
 
 
-def rehearsal_rows(model, tokenizer, n: int) -> list[dict]:
-    """The model's own greedy answers to the first ``n`` shipped rehearsal prompts."""
+def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128) -> list[dict]:
+    """The model's own greedy answers to the first ``n`` shipped rehearsal prompts.
+
+    Answers cut off at ``max_tokens`` are left out: trained with an end-of-turn token after
+    them, they would teach the model to stop mid-sentence."""
     prompts = [r["prompt"] for r in gate.load_jsonl(gate.DATA / "rehearsal_prompts.jsonl")][:n]
-    answers = gate.answer(model, tokenizer, prompts, max_tokens=96)
+    answers = gate.answer(model, tokenizer, prompts, max_tokens=max_tokens)
     return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}],
-             "kind": "rehearsal"} for p, a in zip(prompts, answers) if a.strip()]
+             "kind": "rehearsal"} for p, a in zip(prompts, answers)
+            if a.strip() and len(tokenizer.encode(a, add_special_tokens=False)) < max_tokens - 1]
 
 
 def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
