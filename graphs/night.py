@@ -258,7 +258,9 @@ def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         return {"forge": {"skipped": "forge disabled"}}
     added = set(state["consolidation"]["added"])
     tonight = [m for m in (deps.store.get(i) for i in sorted(added)) if m and not m.superseded_by]
-    earlier = [m for m in deps.store.list(status=["verified", "learned"]) if m.id not in added]
+    # a night for one user replays and checks only that user's earlier memories
+    earlier = [m for m in deps.store.list(user_id=state.get("user_id"), status=["verified", "learned"])
+               if m.id not in added]
     items = list(deps.identity.core) + [i for c in state.get("candidates", {}).values()
                                         if c["status"] == "approved"
                                         for i in Candidate.model_validate(c).identity_items]

@@ -196,6 +196,30 @@ class DayLog:
                 tmp.unlink(missing_ok=True)
         return written
 
+    def save(self, session: Session) -> Path:
+        """Write ``session`` into its day file, replacing the line with the same
+        ``session_id`` (a chat logs its growing session after every turn). The file is
+        rewritten atomically; other lines, damaged ones included, are kept as they were.
+
+        Returns the day file. Raises ``ValueError`` for an unsafe user id.
+        """
+        path = self.path_for(session)
+        lines = []
+        for line in _raw_lines(path):
+            try:
+                same = json.loads(line).get("session_id") == session.session_id
+            except (ValueError, AttributeError):
+                same = False
+            if not same:
+                lines.append(line)
+        atomic_write_text(path, _join(lines + [session.model_dump_json()]))
+        return path
+
+    def size(self, user_id: Optional[str] = None) -> int:
+        """Characters of message text in the sessions no night has consumed yet (one
+        user's, or everyone's): what the "sunset" trigger measures."""
+        return sum(len(m.content) for s in self.unconsumed(user_id) for m in s.messages)
+
     # -- consumption by nights ------------------------------------------------------------
 
     def _consumed_records(self) -> Iterator[tuple[str, dict]]:

@@ -198,22 +198,13 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
 _STAGES = {"dream": "dreamer", "verify": "verifier", "reshape": "reshaper", "consult": "persona"}
 
 
-@app.command()
-def night(resume: bool = typer.Option(False, "--resume", help="continue the latest killed night"),
-          night_id: Optional[str] = typer.Option(None, "--night", help="with --resume: which night"),
-          user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's sessions"),
-          reprocess: bool = typer.Option(False, help="include sessions earlier nights consumed")):
-    """Sleep: turn the day's sessions into verified memories and a training set."""
-    import asyncio
+def _with_night_display(run):
+    """Call ``run(on_update, on_train)`` (which runs a night) under a live table of the
+    night's stages; returns what ``run`` returns."""
     from collections import Counter
 
     from rich.live import Live
 
-    from graphs.run import NightError, run_night
-    from reverie.runtime.models import Runtime
-
-    settings = state.settings()
-    runtime = Runtime(settings)
     counts: Counter = Counter()
     verdicts: Counter = Counter()
 
@@ -262,22 +253,59 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
             verdicts["forge"] = f"training step {step}/{total}, loss {loss:.3f}, {tps:.0f} tok/s"
             live.update(render())
 
+        return run(on_update, on_train)
+
+
+@app.command()
+def night(resume: bool = typer.Option(False, "--resume", help="continue the latest killed night"),
+          night_id: Optional[str] = typer.Option(None, "--night", help="with --resume: which night"),
+          user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's sessions"),
+          reprocess: bool = typer.Option(False, help="include sessions earlier nights consumed"),
+          at: Optional[str] = typer.Option(None, "--at", help="wait until this time (HH:MM, "
+                                           "local) and then sleep"),
+          if_sunset: bool = typer.Option(False, "--if-sunset", help="sleep only if the unslept "
+                                         "day log passed wake.sunset_chars (for cron)")):
+    """Sleep: turn the day's sessions into verified memories, then into weights (the forge)."""
+    import asyncio
+    from datetime import datetime
+
+    from graphs.run import NightError, run_night
+    from memory.daylog import DayLog
+    from reverie.runtime.models import Runtime
+    from wake.triggers import next_time, wait_until
+
+    settings = state.settings()
+    if if_sunset:
+        size, limit = DayLog(settings.paths.days).size(user), settings.wake.sunset_chars
+        if not limit or size < limit:
+            console.print(f"not sunset yet: {size} characters unslept "
+                          f"(wake.sunset_chars: {limit or 'off'})")
+            return
+    if at:
         try:
-            summary = asyncio.run(run_night(settings, runtime=runtime, user_id=user,
-                                            resume=night_id or resume, include_consumed=reprocess,
-                                            on_update=on_update, on_train=on_train))
-        except (NightError, fetch.FetchError) as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
-        finally:
-            runtime.close()
-    forge = summary.get("forge", {})
-    model = (f"model: promoted {forge['version']}" if forge.get("promoted") else
-             f"model: kept {forge.get('parent')} ({'; '.join(forge.get('reasons', []))})"
-             if forge.get("pre") else f"model: unchanged ({forge.get('skipped') or 'nothing to learn'})")
-    console.print(f"night {summary['night_id']} done in {summary['seconds']} s: "
-                  f"{summary['memories_added']} memories added, {summary['superseded']} superseded, "
-                  f"{summary['deleted']} deleted; {model}; diary: reverie diary show {summary['night_id']}")
+            when = next_time(at, datetime.now())
+        except ValueError as exc:
+            err.print(f"[red]error:[/red] --at: {exc}")
+            raise typer.Exit(2) from exc
+        console.print(f"sleeping at {when:%Y-%m-%d %H:%M} (Ctrl-C to cancel)")
+        with console.status("") as status:
+            wait_until(when, on_wait=lambda left: status.update(
+                f"night starts in {int(left) // 3600:d}h {int(left) % 3600 // 60:02d}m "
+                f"{int(left) % 60:02d}s"))
+    runtime = Runtime(settings)
+    try:
+        summary = _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
+            settings, runtime=runtime, user_id=user, resume=night_id or resume,
+            include_consumed=reprocess, on_update=on_update, on_train=on_train)))
+    except (NightError, fetch.FetchError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        runtime.close()
+    from wake.app import night_report
+
+    console.print(f"{night_report(summary)}; {summary['seconds']} s; "
+                  f"diary: reverie diary show {summary['night_id']}")
 
 
 @diary_app.command("list")
@@ -376,6 +404,181 @@ def prompts_show(name: str):
         except PromptError as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc
+
+
+def _user(settings: Settings, user: Optional[str]) -> str:
+    from memory.daylog import validate_user_id
+
+    try:
+        return validate_user_id(user or settings.wake.user)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] --user: {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _print_retrieved(docs) -> None:
+    if not docs:
+        console.print("[dim](retrieved nothing within wake.rag_max_distance)[/dim]")
+    for d in docs:
+        console.print(f"[dim]retrieved {d.metadata['source']} (distance "
+                      f"{d.metadata['distance']:.3f}): {d.page_content}[/dim]", highlight=False)
+
+
+@app.command()
+def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is talking "
+                                            "(default: wake.user)"),
+         rag: Optional[bool] = typer.Option(None, "--rag/--no-rag", help="retrieve memories "
+                                            "into the prompt (default: wake.rag)"),
+         rag_verbose: bool = typer.Option(False, "--rag-verbose", help="show what was "
+                                          "retrieved and its distance"),
+         message: Optional[str] = typer.Option(None, "--message", "-m", help="one turn: print "
+                                               "the reply, log it and exit")):
+    """Chat with the active model version; every turn is logged for the night.
+
+    Commands: /sleep, /status, /compact, /forget TEXT, /quit."""
+    from wake.app import Day
+    from wake.chat import COMMANDS
+
+    settings = state.settings()
+    user_id = _user(settings, user)
+    day = Day(settings, user_id, night_display=_with_night_display)
+    shown = _print_retrieved if rag_verbose else None
+    try:
+        session = day.chat(rag)
+        if message is not None:
+            if not message.strip():
+                err.print("[red]error:[/red] --message is empty")
+                raise typer.Exit(2)
+            reply = session.send(message, on_retrieved=shown)
+            console.print(reply.text, markup=False, highlight=False)
+            return
+        console.print(f"Reverie ({day.version()}), talking with {user_id}. Commands: "
+                      + ", ".join(COMMANDS), highlight=False)
+        while True:
+            try:
+                line = console.input("[bold cyan]you>[/bold cyan] ")
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                break
+            if not line.strip():
+                continue
+            streamed = []
+
+            def on_token(piece: str) -> None:
+                if not streamed:
+                    console.print("[bold magenta]reverie>[/bold magenta] ", end="")
+                streamed.append(piece)
+                console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+
+            reply = session.handle(line, on_token=on_token, on_retrieved=shown)
+            if streamed:
+                console.print()
+            if reply.kind == "quit":
+                break
+            if reply.compacted:
+                console.print("[dim](older turns summarised to free the context)[/dim]")
+            if reply.kind == "info" and reply.text and not reply.slept:
+                console.print(reply.text, markup=False, highlight=False)
+            if reply.slept:
+                console.print(f"[green]slept[/green]: {reply.sleep_report}; now on "
+                              f"{day.version()}", highlight=False)
+    except fetch.FetchError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        day.close()
+
+
+@app.command()
+def schedule(at: Optional[str] = typer.Option(None, "--at", help="HH:MM (default: wake.night_at)")):
+    """Print the crontab line that runs the night every day (add it with `crontab -e`)."""
+    from wake.triggers import cron_line
+
+    settings = state.settings()
+    log = settings.data_dir / "logs" / "night.log"
+    try:
+        line = cron_line(at or settings.wake.night_at, state.config, Path.cwd(), log)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    log.parent.mkdir(parents=True, exist_ok=True)
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _scores_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("category", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    for r in rows:
+        delta = r["delta"]
+        colour = "" if not delta else ("[green]" if delta > 0 else "[red]")
+        table.add_row(r["category"], fmt(r["pre"]), fmt(r["post"]),
+                      f"{colour}{delta:+.2f}" if delta is not None else "n/a")
+    return table
+
+
+@app.command("eval")
+def eval_(tag: str = typer.Option("", "--tag", help="names the run (file name and log)"),
+          user: Optional[str] = typer.Option(None, "--user", "-u", help="whose learned facts "
+                                             "to recall (default: wake.user)")):
+    """Score the active model version: math, reasoning, factual, format, summarization,
+    style, context, and recall of the user's learned facts (closed book, greedy)."""
+    from reverie.runtime.models import Runtime
+    from wake.cycle import evaluate
+
+    settings = state.settings()
+    user_id = _user(settings, user)
+    runtime = Runtime(settings)
+    try:
+        with console.status("evaluating"):
+            report, path = evaluate(settings, runtime, user_id, tag)
+    except fetch.FetchError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        runtime.close()
+    table = Table(title=f"eval {tag or ''} ({report.model})")
+    for col in ("category", "right", "score"):
+        table.add_column(col)
+    for name, c in report.categories.items():
+        table.add_row(name, f"{c.correct}/{c.total}", f"{c.score:.2f}" if c.total else "n/a")
+    table.add_row("overall", "", f"{report.overall():.2f}")
+    console.print(table)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
+          user: Optional[str] = typer.Option(None, "--user", "-u", help="whose day to sleep on "
+                                             "(default: wake.user)")):
+    """Evaluate, sleep, evaluate again: a before/after table, the experiment log, a plot."""
+    from reverie.runtime.models import Runtime
+    from wake.cycle import run_cycle
+
+    settings = state.settings()
+    user_id = _user(settings, user)
+    runtime = Runtime(settings)
+    try:
+        result = run_cycle(settings, runtime, tag, user_id, night_display=_with_night_display)
+    except fetch.FetchError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        runtime.close()
+    console.print(_scores_table(result.rows, f"cycle {tag}: night {result.night_id}"))
+    forge = result.forge
+    if forge.get("pre"):
+        gate = Table(title="the forge's gate (closed book)")
+        for col in ("measure", "before", "after"):
+            gate.add_column(col)
+        for key in ("new_recall", "regression_recall", "capability", "heldout_loss"):
+            gate.add_row(key, str(forge["pre"].get(key)), str(forge["post"].get(key)))
+        console.print(gate)
+    from wake.app import night_report
+
+    console.print(night_report(result.summary), highlight=False)
+    console.print(f"plot: {result.plot}\nlog: {settings.paths.cycles}", highlight=False)
 
 
 if __name__ == "__main__":

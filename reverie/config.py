@@ -112,6 +112,23 @@ class ForgeConfig(_Strict):
     max_loss_increase: float = Field(0.25, ge=0.0)
 
 
+class WakeConfig(_Strict):
+    """The day side: chat, retrieval, sleep triggers, evaluation."""
+
+    user: str = "me"
+    role: str = "student"
+    context_tokens: int = Field(2048, ge=256)
+    compact_at: float = Field(0.75, gt=0.0, le=1.0)
+    keep_turns: int = Field(4, ge=1)
+    rag: bool = True
+    rag_k: int = Field(4, ge=1)
+    rag_max_distance: float = Field(0.75, ge=0.0, le=2.0)
+    auto_sleep_turns: int = Field(0, ge=0)
+    sunset_chars: int = Field(0, ge=0)
+    night_at: str = Field("03:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    eval_max_tokens: int = Field(96, ge=1)
+
+
 class PromptsConfig(_Strict):
     """Where the user's own prompt files live (searched before the shipped ones)."""
 
@@ -128,6 +145,7 @@ class Settings(_Strict):
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
     night: NightConfig = Field(default_factory=NightConfig)
     forge: ForgeConfig = Field(default_factory=ForgeConfig)
+    wake: WakeConfig = Field(default_factory=WakeConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     identity_file: Path | None = None
 
@@ -141,6 +159,8 @@ class Settings(_Strict):
                                  f"({', '.join(self.models.chat)})")
         for name in ROLES:
             self.roles.setdefault(name, _default_roles()[name])
+        if self.wake.role not in ROLES:
+            raise ValueError(f"wake.role: unknown role {self.wake.role!r} (known: {', '.join(ROLES)})")
         return self
 
     @property

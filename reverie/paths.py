@@ -62,3 +62,13 @@ class Paths:
     @property
     def experiments(self) -> Path:
         return self.data_dir / "experiments.jsonl"
+
+    @property
+    def evals(self) -> Path:
+        """``reverie eval`` reports, one JSON file per run."""
+        return self.data_dir / "evals"
+
+    @property
+    def cycles(self) -> Path:
+        """``reverie cycle``'s experiment log: one JSON line per cycle."""
+        return self.data_dir / "cycles.jsonl"

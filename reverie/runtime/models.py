@@ -142,6 +142,14 @@ class Runtime:
         for loaded in self._models.values():
             loaded.engine.close()
 
+    def reload(self) -> None:
+        """Drop the loaded chat models (their engine threads stop), so the next use loads
+        them again, e.g. the version a night just promoted. The embedder stays loaded."""
+        with self._lock:
+            for loaded in self._models.values():
+                loaded.engine.close()
+            self._models.clear()
+
     def active_version(self, name: str) -> Path | None:
         """The folder of the model version the forge promoted for model ``name`` (None when
         the model has not learned anything yet, or is not the one the forge trains)."""

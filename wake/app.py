@@ -1,0 +1,117 @@
+"""Wiring the day side to the configured models and the data directory (used by the CLI).
+
+:class:`Day` holds the runtime (the active model version), the user's retriever and the
+night runner; :meth:`Day.chat` builds a :class:`~wake.chat.ChatSession` on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from memory.daylog import DayLog
+from memory.identity import load_identity
+from memory.store import MemoryStore
+from prompts import load_prompt
+from reverie.config import Settings
+from wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
+
+
+def night_report(summary: dict) -> str:
+    """One line about a finished night: memories and what happened to the model."""
+    forge = summary.get("forge", {})
+    if forge.get("promoted"):
+        model = f"promoted {forge['version']}"
+    elif forge.get("pre"):
+        model = f"kept {forge.get('parent')} ({'; '.join(forge.get('reasons', []))})"
+    else:
+        model = f"unchanged ({forge.get('skipped') or 'nothing to learn'})"
+    return (f"night {summary['night_id']}: {summary['memories_added']} memories added, "
+            f"{summary['superseded']} superseded, {summary['deleted']} deleted; model {model}")
+
+
+class Day:
+    """The day model and the user's stores.
+
+    Args:
+        settings: the configuration.
+        user_id: whose chat this is.
+        runtime: a :class:`~reverie.runtime.models.Runtime` (default: a new one).
+        night_display: ``display(run)`` calls ``run(on_update, on_train)`` (which runs the
+            night) and returns its result, e.g. under a live progress table; default: no
+            display.
+
+    Call :meth:`close` when done (stops the model's engine thread).
+    """
+
+    def __init__(self, settings: Settings, user_id: str, runtime=None,
+                 night_display: Callable[[Callable], Any] | None = None):
+        from reverie.runtime.models import Runtime
+
+        self.settings, self.user_id = settings, user_id
+        self.runtime = runtime or Runtime(settings)
+        self.night_display = night_display or (lambda run: run(None, None))
+        self.last_night: dict | None = None
+        self._retriever = None
+
+    @property
+    def role(self) -> str:
+        return self.settings.wake.role
+
+    def chat_model(self):
+        return self.runtime.chat_model(self.role)
+
+    def count_tokens(self, messages) -> int:
+        """Prompt tokens as the model's chat template renders ``messages``."""
+        from reverie.runtime.chat_model import to_chat_messages
+
+        loaded = self.runtime.load(self.settings.roles[self.role].model)
+        return len(loaded.encode_chat(to_chat_messages(messages)))
+
+    def version(self) -> str:
+        """The active model version ("base" before any night promoted one)."""
+        from training.versions import Versions
+
+        return Versions(self.settings.paths.versions).active() or "base"
+
+    def retriever(self):
+        if self._retriever is None:
+            from wake.retrieval import open_retriever
+
+            self._retriever = open_retriever(self.settings, self.runtime.embedder(), self.user_id)
+        return self._retriever
+
+    def memory_counts(self) -> dict[str, int]:
+        with MemoryStore(self.settings.paths.memories_db) as store:
+            return store.counts(self.user_id)
+
+    def sleep(self):
+        """Run the night for this user; afterwards the chat goes on with the active
+        version (a new one when the night promoted it). Returns ``(chat model, report)``."""
+        from graphs.run import run_night
+
+        before = self.version()
+        summary = self.night_display(lambda on_update, on_train: asyncio.run(run_night(
+            self.settings, runtime=self.runtime, user_id=self.user_id, on_update=on_update,
+            on_train=on_train)))
+        self.last_night = summary
+        if self.version() != before:  # load the promoted weights
+            self.runtime.reload()
+        return self.chat_model(), night_report(summary)
+
+    def chat(self, rag: bool | None = None) -> ChatSession:
+        """A chat session for this user on the active model version."""
+        s = self.settings
+        identity = load_identity(s.identity_file or s.paths.identity)
+        return ChatSession(
+            self.chat_model(), load_prompt("chat", CHAT_VARIABLES, s.prompts.dir),
+            load_prompt("compact", COMPACT_VARIABLES, s.prompts.dir), identity.text(),
+            DayLog(s.paths.days), self.user_id, s.wake, retriever=self.retriever(),
+            rag=s.wake.rag if rag is None else rag, count_tokens=self.count_tokens,
+            sleep=self.sleep,
+            status_info=lambda: {"model version": self.version(),
+                                 "memories": ", ".join(f"{n} {k}" for k, n in
+                                                       self.memory_counts().items()) or "none"})
+
+    def close(self) -> None:
+        self.runtime.close()

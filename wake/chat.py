@@ -1,0 +1,289 @@
+"""The day chat: turns with retrieval, every turn logged, a context window that compacts
+itself, and the commands that put the model to sleep.
+
+A :class:`ChatSession` owns one conversation with one user. Each turn:
+
+1. retrieval (if on): the user's nearest memories and verbatim chunks
+   (:class:`~wake.retrieval.MemoryRetriever`) go into the system prompt;
+2. the chat model answers (any langchain-core chat model; streamed when asked);
+3. the turn is logged: the session, user id on it, is rewritten in the day log
+   (:meth:`memory.daylog.DayLog.save`), so a crash loses at most the turn in flight;
+4. when the prompt passes ``compact_at`` of ``context_tokens``, the older turns are
+   summarised by the same model and the summary kept in the prompt; the day log keeps
+   every turn word for word (the night learns from the log, not from the prompt).
+
+Commands (:meth:`ChatSession.handle`): ``/sleep``, ``/status``, ``/compact``,
+``/forget TEXT``, ``/quit``. ``/sleep`` and the automatic triggers (after
+``auto_sleep_turns`` turns, or when the unslept log passes ``sunset_chars``) call the
+``sleep`` function the caller gives, which runs the night and returns the chat model to go
+on with (the new version when the night promoted one); the chat then starts a new session,
+so the next night reads only what was said after this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.prompts import ChatPromptTemplate
+
+from memory.daylog import DayLog
+from memory.records import Message, Session, new_id, now
+from wake.retrieval import context_block
+
+CHAT_VARIABLES = frozenset({"identity", "memories", "summary", "message"})
+COMPACT_VARIABLES = frozenset({"summary", "conversation"})
+COMMANDS = {
+    "/sleep": "run the night now, then go on with the new model version",
+    "/status": "model version, turns, context use, memories",
+    "/compact": "summarise older turns now to free the context",
+    "/forget TEXT": "ask the night to forget something",
+    "/quit": "leave (every turn is already logged)",
+}
+
+SleepFn = Callable[[], tuple[Optional[BaseChatModel], str]]
+"""``sleep() -> (chat model to go on with or None to keep the current one, a one-line
+report)``: runs the night for this user."""
+
+
+def approx_tokens(messages: list[BaseMessage]) -> int:
+    """A tokenizer-free estimate: 4 characters per token (plus 4 per message for the chat
+    template's markers). Used when no tokenizer is given."""
+    return sum(len(str(m.content)) // 4 + 4 for m in messages)
+
+
+@dataclass
+class Reply:
+    """What :meth:`ChatSession.handle` did.
+
+    Attributes:
+        kind: "reply" (the model answered), "info" (a command's output), "quit".
+        text: the answer or the command's output.
+        retrieved: documents put in the prompt for this turn (retrieval on).
+        compacted: the context was compacted before answering.
+        slept: a night ran after this turn (command or trigger), with ``sleep_report``.
+    """
+
+    kind: str
+    text: str
+    retrieved: list[Document] = field(default_factory=list)
+    compacted: bool = False
+    slept: bool = False
+    sleep_report: str = ""
+
+
+class ChatSession:
+    """One user's chat with the day model.
+
+    Args:
+        model: a langchain-core chat model (the active model version, or any other).
+        prompt: the chat prompt (``prompts/chat.yaml``: variables :data:`CHAT_VARIABLES`).
+        compact_prompt: the summary prompt (``prompts/compact.yaml``).
+        identity_text: who the assistant is (``Identity.text()``).
+        daylog: where turns are logged.
+        user_id: whose conversation this is (on the session and every retrieval).
+        cfg: the ``wake`` config (context_tokens, compact_at, keep_turns, auto_sleep_turns,
+            sunset_chars).
+        retriever: a retriever for this user (None: no retrieval).
+        rag: retrieval on or off at start.
+        count_tokens: ``count(messages) -> tokens`` of a prompt; default :func:`approx_tokens`.
+        sleep: runs the night (see :data:`SleepFn`); None: ``/sleep`` says it cannot.
+        status_info: extra ``/status`` lines, e.g. ``lambda: {"model version": ...}``.
+    """
+
+    def __init__(self, model: BaseChatModel, prompt: ChatPromptTemplate,
+                 compact_prompt: ChatPromptTemplate, identity_text: str, daylog: DayLog,
+                 user_id: str, cfg, retriever: Any = None, rag: bool = True,
+                 count_tokens: Callable[[list[BaseMessage]], int] | None = None,
+                 sleep: SleepFn | None = None,
+                 status_info: Callable[[], dict[str, Any]] | None = None):
+        self.model, self.prompt, self.compact_prompt = model, prompt, compact_prompt
+        self.identity_text, self.daylog, self.user_id, self.cfg = identity_text, daylog, user_id, cfg
+        self.retriever, self.rag = retriever, rag
+        self.count_tokens = count_tokens or approx_tokens
+        self.sleep_fn, self.status_info = sleep, status_info
+        self.summary = ""
+        self.history: list[BaseMessage] = []   # turns still in the prompt, word for word
+        self.session: Session | None = None
+        self.turns = 0                          # exchanges in this chat (all sessions)
+        self.turns_since_sleep = 0
+        self.nights = 0
+
+    # -- prompt ---------------------------------------------------------------------------
+
+    def messages_for(self, text: str, docs: list[Document]) -> list[BaseMessage]:
+        """The prompt of one turn: system (identity, memories, summary), the turns kept in
+        the context, the new user turn."""
+        block = context_block(docs)
+        memories = (f"\n\nWhat you remember about the user:\n{block}" if block else "")
+        summary = f"\n\nEarlier in this conversation: {self.summary}" if self.summary else ""
+        rendered = self.prompt.format_messages(identity=self.identity_text, memories=memories,
+                                               summary=summary, message=text)
+        return rendered[:-1] + self.history + rendered[-1:]
+
+    def context_used(self, pending: str = "") -> int:
+        """Tokens the prompt takes now (with ``pending`` as the next user turn)."""
+        return self.count_tokens(self.messages_for(pending, []))
+
+    def retrieve(self, text: str) -> list[Document]:
+        if not (self.rag and self.retriever is not None and text.strip()):
+            return []
+        return self.retriever.invoke(text)
+
+    # -- compaction -----------------------------------------------------------------------
+
+    def compact(self) -> bool:
+        """Summarise the turns before the last ``keep_turns`` exchanges into
+        :attr:`summary` (the previous summary is folded in). Returns False when there was
+        nothing old enough to summarise."""
+        keep = 2 * self.cfg.keep_turns
+        old, recent = self.history[:-keep], self.history[-keep:]
+        if not old:
+            if not self.history:
+                return False
+            old, recent = self.history, []   # asked to compact a short chat: all of it
+        conversation = "\n".join(f"{'User' if isinstance(m, HumanMessage) else 'Assistant'}: "
+                                 f"{m.content}" for m in old)
+        previous = f"Summary so far: {self.summary}\n\n" if self.summary else ""
+        reply = self.model.invoke(self.compact_prompt.format_messages(
+            summary=previous, conversation=conversation))
+        self.summary = str(reply.content).strip() or self.summary
+        self.history = recent
+        return True
+
+    def _over_budget(self, text: str, docs: list[Document]) -> bool:
+        budget = self.cfg.compact_at * self.cfg.context_tokens
+        return self.count_tokens(self.messages_for(text, docs)) > budget
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def send(self, text: str, on_token: Callable[[str], None] | None = None,
+             on_retrieved: Callable[[list[Document]], None] | None = None) -> Reply:
+        """One exchange: retrieve, (compact if needed), answer, log.
+
+        Args:
+            text: the user's turn.
+            on_token: called with each piece of the answer as it streams.
+            on_retrieved: called with the documents going into the prompt, before answering.
+
+        Raises:
+            ValueError: empty text.
+        """
+        if not text.strip():
+            raise ValueError("empty message")
+        docs = self.retrieve(text)
+        compacted = False
+        if self._over_budget(text, docs) and self.history:
+            compacted = self.compact()
+            # still too long (a huge paste): drop retrieved context before the turn itself
+            while docs and self._over_budget(text, docs):
+                docs = docs[:-1]
+        if on_retrieved is not None:
+            on_retrieved(docs)
+        messages = self.messages_for(text, docs)
+        if on_token is None:
+            answer = str(self.model.invoke(messages).content)
+        else:
+            pieces = []
+            for chunk in self.model.stream(messages):
+                piece = str(chunk.content)
+                pieces.append(piece)
+                on_token(piece)
+            answer = "".join(pieces)
+        answer = answer.strip()
+        self._log(text, answer)
+        self.history += [HumanMessage(text), AIMessage(answer)]
+        return Reply("reply", answer, retrieved=docs, compacted=compacted)
+
+    def _log(self, user_text: str, answer: str) -> None:
+        at = now()
+        if self.session is None:
+            self.session = Session(session_id=new_id("chat"), user_id=self.user_id,
+                                   started_at=at, source="chat",
+                                   messages=[Message(turn_id="t1", role="user", content=user_text,
+                                                     timestamp=at)])
+        else:
+            self.session.messages.append(Message(turn_id=f"t{len(self.session.messages) + 1}",
+                                                 role="user", content=user_text, timestamp=at))
+        self.session.messages.append(Message(turn_id=f"t{len(self.session.messages) + 1}",
+                                             role="assistant", content=answer, timestamp=now()))
+        self.session.ended_at = now()
+        self.daylog.save(self.session)
+        self.turns += 1
+        self.turns_since_sleep += 1
+
+    # -- commands -------------------------------------------------------------------------
+
+    def handle(self, line: str, on_token: Callable[[str], None] | None = None,
+               on_retrieved: Callable[[list[Document]], None] | None = None) -> Reply:
+        """A line typed by the user: a command (see :data:`COMMANDS`) or a chat turn.
+        After a chat turn the sleep triggers are checked (``auto_sleep_turns``,
+        ``sunset_chars``); if one fires the night runs before this returns
+        (``Reply.slept``)."""
+        stripped = line.strip()
+        command, _, arg = stripped.partition(" ")
+        if command == "/quit" or command == "/exit":
+            return Reply("quit", "")
+        if command == "/status":
+            return Reply("info", "\n".join(f"{k}: {v}" for k, v in self.status().items()))
+        if command == "/compact":
+            done = self.compact()
+            return Reply("info", f"compacted: {self.summary}" if done else "nothing to compact yet")
+        if command == "/forget":
+            if not arg.strip():
+                return Reply("info", "usage: /forget TEXT")
+            self.forget(arg.strip())
+            return Reply("info", f"noted: tonight I will forget {arg.strip()!r}")
+        if command == "/sleep":
+            return self._sleep(Reply("info", ""), "asked")
+        if command.startswith("/") and command not in ("/",):
+            return Reply("info", "commands: " + ", ".join(COMMANDS))
+        reply = self.send(stripped, on_token, on_retrieved)
+        trigger = self.due()
+        return self._sleep(reply, trigger) if trigger else reply
+
+    def forget(self, text: str) -> None:
+        """Log a deletion request the night honours (its router reads "forget ..." in
+        user turns and deletes the user's memories that match)."""
+        self._log(f"Please forget {text}", f"I will forget {text} tonight.")
+
+    def due(self) -> str:
+        """Which sleep trigger fires now ("" for none): ``auto_sleep_turns`` exchanges since
+        the last night, or the user's unslept log past ``sunset_chars`` characters."""
+        if self.cfg.auto_sleep_turns and self.turns_since_sleep >= self.cfg.auto_sleep_turns:
+            return f"auto-sleep after {self.turns_since_sleep} turns"
+        if self.cfg.sunset_chars and self.daylog.size(self.user_id) >= self.cfg.sunset_chars:
+            return f"sunset: the day log passed {self.cfg.sunset_chars} characters"
+        return ""
+
+    def _sleep(self, reply: Reply, why: str) -> Reply:
+        if self.sleep_fn is None:
+            reply.text = reply.text or "sleep is not available here"
+            return reply
+        model, report = self.sleep_fn()
+        if model is not None:
+            self.model = model
+        self.nights += 1
+        self.turns_since_sleep = 0
+        self.session = None          # the night consumed this session: start a new one
+        reply.slept, reply.sleep_report = True, f"{why}: {report}" if why != "asked" else report
+        reply.text = reply.text or report
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        """What ``/status`` shows: turns, context use, session, retrieval, nights, plus
+        ``status_info()`` (model version, memories)."""
+        used = self.context_used()
+        info = {"user": self.user_id, "turns": self.turns,
+                "context": f"{used} / {self.cfg.context_tokens} tokens "
+                           f"({used / self.cfg.context_tokens:.0%})",
+                "summary": "yes" if self.summary else "no",
+                "session": self.session.session_id if self.session else "(new)",
+                "retrieval": "on" if self.rag and self.retriever is not None else "off",
+                "nights this chat": self.nights}
+        if self.status_info is not None:
+            info.update(self.status_info())
+        return info
