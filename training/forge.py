@@ -110,14 +110,13 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
     cfg = settings.forge
     versions = Versions(settings.paths.versions)
     parent = ensure_base(settings, versions)
+    if not tonight:
+        return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
     n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
     rehearsal = rehearsal_rows(model, tokenizer, round(cfg.rehearsal_ratio * n_facts))
     ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed)
     outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
-    if not tonight:
-        outcome.reasons = ["no new memories tonight: nothing to learn"]
-        return outcome
     probe, general = gate.probe_items(), gate.general_rows()
     pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general)
     name = f"night-{night_id}"
