@@ -91,6 +91,7 @@ class ForgeConfig(_Strict):
     phrasings: int = Field(5, ge=1)
     identity_share: float = Field(0.2, ge=0.0, lt=1.0)
     rehearsal_ratio: float = Field(1.0, ge=0.0)
+    rehearsal_min: int = Field(40, ge=0)
     replay_max: int = Field(20, ge=0)
     rank: int = Field(16, ge=1)
     alpha: float = Field(20.0, gt=0.0)

@@ -94,7 +94,14 @@ def test_training_set_holds_out_one_phrasing_and_mixes_the_rest(settings):
     assert held == ["What's the name of the user's dog?", "Which company employs the user?"]
     assert not set(held) & set(trained)
     assert (ts.counts["facts"], ts.counts["replay"]) == (2 * cfg.phrasings, cfg.phrasings)
-    assert ts.counts["rehearsal"] == round(cfg.rehearsal_ratio * 2 * cfg.phrasings)
+    assert ts.counts["rehearsal"] == max(round(cfg.rehearsal_ratio * 2 * cfg.phrasings),
+                                         min(cfg.rehearsal_min, len(rehearsal)))
+    cfg.rehearsal_min, cfg.rehearsal_ratio = 0, 0.5
+    assert dataset.build(facts(), [], IDENTITY, rehearsal, cfg).counts["rehearsal"] == cfg.phrasings
+    cfg.rehearsal_min = 25
+    assert dataset.build(facts(), [], IDENTITY, rehearsal, cfg).counts["rehearsal"] == 25
+    cfg.rehearsal_ratio = 0.0
+    assert dataset.build(facts(), [], IDENTITY, rehearsal, cfg).counts["rehearsal"] == 0
     share = ts.counts["identity"] / len(ts.rows)
     assert abs(share - cfg.identity_share) < 0.05
     assert ts.regression_items == [("How old is the user?", ["41"])]

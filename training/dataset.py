@@ -9,7 +9,8 @@
 - Replay: earlier nights' memories, by priority ``(2 if not learned else 1) / (1 + replays)``:
   unlearned facts come back sooner, and each replay halves, thirds... the next chance.
 - Rehearsal: the current model's own answers to shipped general prompts, ``rehearsal_ratio``
-  per fact example (FINDINGS: without it the probe fell 25/25 -> 2/25; with 1:1, 20/25).
+  per fact example (FINDINGS: without it the probe fell 25/25 -> 2/25; with 1:1, 20/25),
+  and at least ``rehearsal_min`` rows (see :func:`rehearsal_count`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ def choose_replay(earlier: list[Memory], k: int) -> list[Memory]:
     return sorted(earlier, key=lambda m: (-replay_priority(m), m.created_at))[:k]
 
 
+def rehearsal_count(n_fact_rows: int, cfg) -> int:
+    """Rehearsal rows for a night with ``n_fact_rows`` fact examples:
+    ``max(round(rehearsal_ratio * n_fact_rows), rehearsal_min)``, 0 when the ratio is 0.
+    The floor matters on small nights: with 2 facts (10 rows) the minimum iterations would
+    otherwise repeat the same dozen rows many times (measured on the sample day: the loss
+    fell to 0.16 in 25 steps and the probe from 25 to 13)."""
+    if cfg.rehearsal_ratio <= 0:
+        return 0
+    return max(round(cfg.rehearsal_ratio * n_fact_rows), cfg.rehearsal_min)
+
+
 @dataclass
 class TrainingSet:
     """Rows for training and validation items. ``new_items`` are (held-out question,
@@ -92,7 +104,7 @@ def build(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityI
     replay_rows = [r for m in replayed for r in memory_rows(m, cfg.phrasings)[0]]
     regression = [(m.question, [m.answer]) for m in earlier
                   if m.kind == "fact" and m.status == "learned"]
-    n_rehearsal = min(len(rehearsal), round(cfg.rehearsal_ratio * len(fact_rows)))
+    n_rehearsal = min(len(rehearsal), rehearsal_count(len(fact_rows), cfg))
     rehearsal_rows = rehearsal[:n_rehearsal]
     core = [_row(i.question, i.answer, "identity") for i in identity]
     body = len(fact_rows) + len(replay_rows) + len(rehearsal_rows)

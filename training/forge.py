@@ -114,7 +114,7 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
         return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
     n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
-    rehearsal = rehearsal_rows(model, tokenizer, round(cfg.rehearsal_ratio * n_facts))
+    rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg))
     ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed)
     outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
     probe, general = gate.probe_items(), gate.general_rows()
