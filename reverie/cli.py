@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -40,6 +41,19 @@ class _State:
 
 
 state = _State()
+
+
+@contextlib.contextmanager
+def _closing(resource, *errors: type[Exception]):
+    """Run a command's body: a fetch error (or one of ``errors``) becomes a clear message
+    and exit code 1; ``resource`` (a runtime, a day) is closed either way."""
+    try:
+        yield resource
+    except (fetch.FetchError, *errors) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        resource.close()
 
 
 @app.callback()
@@ -162,17 +176,12 @@ def ask(question: str, role: str = typer.Option("student", help="which role's mo
         err.print(f"[red]error:[/red] unknown role {role!r} (known: {', '.join(settings.roles)})")
         raise typer.Exit(2)
     runtime = Runtime(settings)
-    try:
+    with _closing(runtime):
         model = runtime.chat_model(role)
         extra = {"max_tokens": max_tokens} if max_tokens else {}
         for chunk in model.stream(question, **extra):
             console.print(chunk.content, end="", soft_wrap=True, highlight=False, markup=False)
         console.print()
-    except fetch.FetchError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    finally:
-        runtime.close()
 
 
 @app.command()
@@ -293,15 +302,10 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
                 f"night starts in {int(left) // 3600:d}h {int(left) % 3600 // 60:02d}m "
                 f"{int(left) % 60:02d}s"))
     runtime = Runtime(settings)
-    try:
+    with _closing(runtime, NightError):
         summary = _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
             settings, runtime=runtime, user_id=user, resume=night_id or resume,
             include_consumed=reprocess, on_update=on_update, on_train=on_train)))
-    except (NightError, fetch.FetchError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    finally:
-        runtime.close()
     from wake.app import night_report
 
     console.print(f"{night_report(summary)}; {summary['seconds']} s; "
@@ -443,7 +447,7 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
     user_id = _user(settings, user)
     day = Day(settings, user_id, night_display=_with_night_display)
     shown = _print_retrieved if rag_verbose else None
-    try:
+    with _closing(day):
         session = day.chat(rag)
         if message is not None:
             if not message.strip():
@@ -482,11 +486,6 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
             if reply.slept:
                 console.print(f"[green]slept[/green]: {reply.sleep_report}; now on "
                               f"{day.version()}", highlight=False)
-    except fetch.FetchError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    finally:
-        day.close()
 
 
 @app.command()
@@ -530,14 +529,9 @@ def eval_(tag: str = typer.Option("", "--tag", help="names the run (file name an
     settings = state.settings()
     user_id = _user(settings, user)
     runtime = Runtime(settings)
-    try:
+    with _closing(runtime):
         with console.status("evaluating"):
             report, path = evaluate(settings, runtime, user_id, tag)
-    except fetch.FetchError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    finally:
-        runtime.close()
     table = Table(title=f"eval {tag or ''} ({report.model})")
     for col in ("category", "right", "score"):
         table.add_column(col)
@@ -559,13 +553,8 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
     settings = state.settings()
     user_id = _user(settings, user)
     runtime = Runtime(settings)
-    try:
+    with _closing(runtime):
         result = run_cycle(settings, runtime, tag, user_id, night_display=_with_night_display)
-    except fetch.FetchError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    finally:
-        runtime.close()
     console.print(_scores_table(result.rows, f"cycle {tag}: night {result.night_id}"))
     forge = result.forge
     if forge.get("pre"):
