@@ -61,6 +61,7 @@ SETTINGS = [  # (label, overrides of config.forge)
     ("G: defaults (lr 1e-4, 4 layers, rank 16, 4 epochs, rehearsal 1:1)", {}),
     ("H: as G, rehearsal by KL to the base (weight 1)", {"kl_weight": 1.0}),
     ("I: as H, identity 5%", {"kl_weight": 1.0, "identity_share": 0.05}),
+    ("K: as I, KL weight 3", {"kl_weight": 3.0, "identity_share": 0.05}),
     ("J: as I, attention only (q, v)", {"kl_weight": 1.0, "identity_share": 0.05,
                                         "lora_keys": ["self_attn.q_proj", "self_attn.v_proj"]}),
 ]

@@ -97,7 +97,7 @@ class ForgeConfig(_Strict):
     alpha: float = Field(20.0, gt=0.0)
     num_layers: int = Field(4, ge=1)
     lora_keys: list[str] | None = None
-    kl_weight: float = Field(0.0, ge=0.0)
+    kl_weight: float = Field(1.0, ge=0.0)
     learning_rate: float = Field(1e-4, gt=0.0)
     warmup: int = Field(10, ge=0)
     batch_size: int = Field(4, ge=1)
