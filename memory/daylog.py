@@ -80,6 +80,15 @@ def _raw_lines(path: Path) -> list[str]:
     return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number from 1, line)`` for each non-blank line; nothing if the file is missing."""
+    if not path.exists():
+        return
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            yield number, line
+
+
 def _join(lines: Iterable[str]) -> str:
     lines = list(lines)
     return "\n".join(lines) + "\n" if lines else ""
@@ -124,11 +133,7 @@ class DayLog:
         return [f for d in folders if d.is_dir() for f in sorted(d.glob("*.jsonl"))]
 
     def _read_file(self, path: Path) -> Iterator[Session]:
-        if not path.exists():
-            return
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, line in _numbered_lines(path):
             try:
                 yield Session.model_validate_json(line)
             except ValidationError as exc:
@@ -226,11 +231,7 @@ class DayLog:
         """(raw line, parsed record) for each line of consumed.jsonl; damaged lines warn and
         come back with an empty record (kept verbatim on rewrite)."""
         path = self.consumed_path
-        if not path.exists():
-            return
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, line in _numbered_lines(path):
             try:
                 rec = json.loads(line)
                 if not (isinstance(rec, dict) and isinstance(rec.get("content_hash"), str)):

@@ -281,6 +281,7 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
     from graphs.run import NightError, run_night
     from memory.daylog import DayLog
     from reverie.runtime.models import Runtime
+    from wake.app import night_report
     from wake.triggers import next_time, wait_until
 
     settings = state.settings()
@@ -306,8 +307,6 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
         summary = _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
             settings, runtime=runtime, user_id=user, resume=night_id or resume,
             include_consumed=reprocess, on_update=on_update, on_train=on_train)))
-    from wake.app import night_report
-
     console.print(f"{night_report(summary)}; {summary['seconds']} s; "
                   f"diary: reverie diary show {summary['night_id']}")
 
@@ -548,6 +547,7 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
                                              "(default: wake.user)")):
     """Evaluate, sleep, evaluate again: a before/after table, the experiment log, a plot."""
     from reverie.runtime.models import Runtime
+    from wake.app import night_report
     from wake.cycle import run_cycle
 
     settings = state.settings()
@@ -564,8 +564,6 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
         for key in ("new_recall", "regression_recall", "capability", "heldout_loss"):
             gate.add_row(key, str(forge["pre"].get(key)), str(forge["post"].get(key)))
         console.print(gate)
-    from wake.app import night_report
-
     console.print(night_report(result.summary), highlight=False)
     console.print(f"plot: {result.plot}\nlog: {settings.paths.cycles}", highlight=False)
 

@@ -302,6 +302,13 @@ def iterate_batches(dataset: Sequence[tuple[Sequence[int], int]], batch_size: in
         yield make(indices)
 
 
+def _answer_mask(width: int, lengths: mx.array) -> mx.array:
+    """Bool ``[B, width]``: target position ``t`` (predicting token ``t + 1``) is an answer
+    token of its row, ``offset <= t + 1 < length``."""
+    position = mx.arange(1, width + 1)[None, :]
+    return mx.logical_and(position >= lengths[:, 0:1], position < lengths[:, 1:2])
+
+
 def masked_loss(model: nn.Module, batch: mx.array, lengths: mx.array):
     """Mean cross-entropy over answer tokens only; padding is never counted.
 
@@ -323,8 +330,7 @@ def masked_loss(model: nn.Module, batch: mx.array, lengths: mx.array):
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(inputs)
-    position = mx.arange(1, targets.shape[1] + 1)[None, :]
-    mask = mx.logical_and(position >= lengths[:, 0:1], position < lengths[:, 1:2])
+    mask = _answer_mask(targets.shape[1], lengths)
     ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
     ntoks = mask.sum()
     return ce.sum() / mx.maximum(ntoks, 1).astype(mx.float32), ntoks
@@ -379,10 +385,9 @@ def distil_loss(kl_weight: float) -> Callable:
         logits = model(inputs).astype(mx.float32)
         with base_outputs(model):
             base = mx.stop_gradient(model(inputs).astype(mx.float32))
-        position = mx.arange(1, targets.shape[1] + 1)[None, :]
-        mask = mx.logical_and(position >= lengths[:, 0:1], position < lengths[:, 1:2])
-        ce = nn.losses.cross_entropy(logits, targets)
+        mask = _answer_mask(targets.shape[1], lengths)
         log_p = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        ce = -mx.take_along_axis(log_p, targets[..., None], axis=-1).squeeze(-1)
         log_q = base - mx.logsumexp(base, axis=-1, keepdims=True)
         kl = (mx.exp(log_q) * (log_q - log_p)).sum(axis=-1)
         distil = lengths[:, 2:3] > 0 if lengths.shape[1] > 2 else mx.zeros_like(mask)

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 from memory.daylog import DayLog
 from memory.identity import load_identity
-from memory.store import MemoryStore
 from prompts import load_prompt
 from reverie.config import Settings
 from wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
@@ -59,6 +58,7 @@ class Day:
         return self.settings.wake.role
 
     def chat_model(self):
+        """The ``wake.role`` chat model on the active version (a langchain-core model)."""
         return self.runtime.chat_model(self.role)
 
     def count_tokens(self, messages) -> int:
@@ -75,6 +75,7 @@ class Day:
         return Versions(self.settings.paths.versions).active() or "base"
 
     def retriever(self):
+        """This user's :class:`~wake.retrieval.MemoryRetriever` (opened once)."""
         if self._retriever is None:
             from wake.retrieval import open_retriever
 
@@ -82,8 +83,8 @@ class Day:
         return self._retriever
 
     def memory_counts(self) -> dict[str, int]:
-        with MemoryStore(self.settings.paths.memories_db) as store:
-            return store.counts(self.user_id)
+        """This user's memories per status (the retriever's store: one connection)."""
+        return self.retriever().store.counts(self.user_id)
 
     def sleep(self):
         """Run the night for this user; afterwards the chat goes on with the active

@@ -129,6 +129,7 @@ class ChatSession:
         return self.count_tokens(self.messages_for(pending, []))
 
     def retrieve(self, text: str) -> list[Document]:
+        """Documents for the prompt of ``text``: [] with retrieval off or no retriever."""
         if not (self.rag and self.retriever is not None and text.strip()):
             return []
         return self.retriever.invoke(text)
@@ -238,7 +239,7 @@ class ChatSession:
             self.forget(arg.strip())
             return Reply("info", f"noted: tonight I will forget {arg.strip()!r}")
         if command == "/sleep":
-            return self._sleep(Reply("info", ""), "asked")
+            return self._sleep(Reply("info", ""), "")
         if command.startswith("/") and command not in ("/",):
             return Reply("info", "commands: " + ", ".join(COMMANDS))
         reply = self.send(stripped, on_token, on_retrieved)
@@ -260,6 +261,7 @@ class ChatSession:
         return ""
 
     def _sleep(self, reply: Reply, why: str) -> Reply:
+        """Run the night (``why``: the trigger that fired, "" when asked by /sleep)."""
         if self.sleep_fn is None:
             reply.text = reply.text or "sleep is not available here"
             return reply
@@ -269,7 +271,7 @@ class ChatSession:
         self.nights += 1
         self.turns_since_sleep = 0
         self.session = None          # the night consumed this session: start a new one
-        reply.slept, reply.sleep_report = True, f"{why}: {report}" if why != "asked" else report
+        reply.slept, reply.sleep_report = True, f"{why}: {report}" if why else report
         reply.text = reply.text or report
         return reply
 

@@ -25,14 +25,13 @@ from reverie.config import Settings
 from wake.evaluate import EvalReport, compare, load_items, memory_items, run_eval, save_report
 
 
-def evaluate(settings: Settings, runtime, user_id: str | None, tag: str = "",
-             model=None) -> tuple[EvalReport, Path]:
-    """Run the shipped capability items and the user's memory recall; save the report in
-    ``paths.evals``. ``model`` defaults to the ``wake.role`` model at temperature 0 with
-    ``wake.eval_max_tokens``. Returns ``(report, path)``."""
-    if model is None:
-        model = runtime.chat_model(settings.wake.role, temperature=0.0,
-                                   max_tokens=settings.wake.eval_max_tokens)
+def evaluate(settings: Settings, runtime, user_id: str | None,
+             tag: str = "") -> tuple[EvalReport, Path]:
+    """Run the shipped capability items and the user's memory recall on the ``wake.role``
+    model (temperature 0, ``wake.eval_max_tokens``); save the report in ``paths.evals``.
+    Returns ``(report, path)``."""
+    model = runtime.chat_model(settings.wake.role, temperature=0.0,
+                               max_tokens=settings.wake.eval_max_tokens)
     items = load_items()
     if user_id:
         with MemoryStore(settings.paths.memories_db) as store:
@@ -130,17 +129,13 @@ def log_cycle(settings: Settings, result: CycleResult) -> dict:
 
 
 def run_cycle(settings: Settings, runtime, tag: str, user_id: str,
-              night_display: Callable[[Callable], Any] | None = None,
-              model_factory: Callable[[], Any] | None = None, **night_kwargs) -> CycleResult:
+              night_display: Callable[[Callable], Any] | None = None) -> CycleResult:
     """Pre-eval, night, post-eval, log and plot (see the module docstring).
 
     Args:
         runtime: a :class:`~reverie.runtime.models.Runtime`; reloaded after the night if it
             promoted a version, so the post-eval runs on the new weights.
         night_display: wraps the night like :class:`wake.app.Day` does (live table).
-        model_factory: the chat model to evaluate (default: the ``wake.role`` model, greedy);
-            called again after the night.
-        **night_kwargs: passed to :func:`graphs.run.run_night` (e.g. fake ``models`` in tests).
     """
     from graphs.run import run_night
     from training.versions import Versions
@@ -148,15 +143,12 @@ def run_cycle(settings: Settings, runtime, tag: str, user_id: str,
     display = night_display or (lambda run: run(None, None))
     versions = Versions(settings.paths.versions)
     before = versions.active()
-    pre, _ = evaluate(settings, runtime, user_id, f"{tag}-pre",
-                      model_factory() if model_factory else None)
+    pre, _ = evaluate(settings, runtime, user_id, f"{tag}-pre")
     summary = display(lambda on_update, on_train: asyncio.run(run_night(
-        settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train,
-        **night_kwargs)))
-    if versions.active() != before and runtime is not None:
+        settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train)))
+    if versions.active() != before:
         runtime.reload()
-    post, _ = evaluate(settings, runtime, user_id, f"{tag}-post",
-                       model_factory() if model_factory else None)
+    post, _ = evaluate(settings, runtime, user_id, f"{tag}-post")
     result = CycleResult(tag, summary["night_id"], pre, post, compare(pre, post),
                          summary.get("forge", {}), summary)
     result.plot = plot_cycle(result, settings.paths.diary / result.night_id / f"cycle-{tag}.png")
