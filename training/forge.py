@@ -14,11 +14,10 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from reverie.config import Settings
-from reverie.runtime import fetch
+from reverie.runtime import sources
 from training import dataset, gate
 from training.lora import LoraArgs, train_adapter
 from training.versions import Versions, fuse, save_model_dir
@@ -63,20 +62,11 @@ def ensure_base(settings: Settings, versions: Versions) -> str:
 
 
 def load_source(settings: Settings, source: str):
-    """The configured model in float32, for a base version."""
-    from reverie.runtime.gguf import load_gguf
+    """The configured model in float32 (``(model, tokenizer)``), for a base version."""
+    loaded = sources.load_source(source, settings.paths.model_cache, "float32",
+                                 field=f"models.chat.{settings.forge.model}")
+    return loaded.model, loaded.tokenizer
 
-    if source.startswith("embedded:"):
-        model_ref = fetch.EMBEDDED[source.split(":", 1)[1]]
-        folder = fetch.ensure_model(settings.paths.model_cache, model_ref)
-        return load_gguf(folder / next(iter(model_ref.files)), quantized=False)
-    if source.endswith(".gguf"):
-        return load_gguf(Path(source).expanduser(), quantized=False)
-    import mlx_lm
-    from mlx_lm.utils import dequantize_model
-
-    model, tokenizer = mlx_lm.load(source)
-    return dequantize_model(model), tokenizer
 
 
 def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128) -> list[dict]:

