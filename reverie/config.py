@@ -35,18 +35,26 @@ class ModelsConfig(_Strict):
     """Named models and where fetched files are cached."""
 
     cache_dir: Path | None = None
-    chat: dict[str, str] = Field(default_factory=lambda: {"default": "embedded:smollm2-135m-instruct"})
+    chat: dict[str, str] = Field(default_factory=lambda: {
+        "default": "embedded:smollm2-135m-instruct",
+        "sleep": "embedded:qwen2.5-coder-0.5b-instruct"})
     embedding: str = "embedded:all-minilm-l6-v2"
 
 
 class RoleConfig(_Strict):
-    """Which model an agent role uses and its default sampling settings."""
+    """Which model an agent role uses and its default sampling settings. ``model`` unset:
+    ``sleep`` for the night's readers (:data:`SLEEP_ROLES`) when ``models.chat`` has a
+    ``sleep`` model, else ``default``."""
 
-    model: str = "default"
+    model: str | None = None
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, lt=1.0)
     max_tokens: int = Field(256, ge=1)
+
+
+# The roles that read the day's text at night and run on the heavier sleep model.
+SLEEP_ROLES = ("dreamer", "verifier", "reshaper")
 
 
 def _default_roles() -> dict[str, RoleConfig]:
@@ -81,6 +89,7 @@ class NightConfig(_Strict):
     forget_similarity: float = Field(0.45, ge=0.0, le=1.0)
     max_concurrency: int = Field(32, ge=1)
     verbatim_min_chars: int = Field(600, ge=50)
+    park_nights: int = Field(3, ge=1)
 
 
 class ForgeConfig(_Strict):
@@ -152,14 +161,17 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _check_roles(self) -> "Settings":
+        for name in ROLES:
+            self.roles.setdefault(name, _default_roles()[name])
         for name, role in self.roles.items():
             if name not in ROLES:
                 raise ValueError(f"roles.{name}: unknown role (known: {', '.join(ROLES)})")
+            if role.model is None:
+                role.model = ("sleep" if name in SLEEP_ROLES and "sleep" in self.models.chat
+                              else "default")
             if role.model not in self.models.chat:
                 raise ValueError(f"roles.{name}.model: {role.model!r} is not a key of models.chat "
                                  f"({', '.join(self.models.chat)})")
-        for name in ROLES:
-            self.roles.setdefault(name, _default_roles()[name])
         if self.wake.role not in ROLES:
             raise ValueError(f"wake.role: unknown role {self.wake.role!r} (known: {', '.join(ROLES)})")
         return self
