@@ -1,16 +1,22 @@
 """The night: a LangGraph graph from the day's sessions to verified memories.
 
-    gather ─▶ route ─▶ dream ×(session windows × bursts) ─▶ triage ◀──────────────┐
-                                                             │                     │
-                        pending ─▶ verify ───────────────────┼─────────────────────┤
-                        failed (round < K) ─▶ reshape ───────┼─────────────────────┤
-                        passed ─▶ consult (persona) ─────────┘─────────────────────┘
-                        nothing left ─▶ consolidate ─▶ handoff ─▶ learn (forge) ─▶ END
+    gather ─▶ revisit ─▶ route ─▶ dream ×(session windows × bursts) ─▶ triage ◀───────────┐
+                                                                        │                 │
+                        pending ─▶ verify ──────────────────────────────┼─────────────────┤
+                        failed (round < K) ─▶ reshape ──────────────────┼─────────────────┤
+                        passed ─▶ consult (persona) ────────────────────┘─────────────────┘
+                        nothing left ─▶ consolidate ─▶ park ─▶ handoff ─▶ learn (forge) ─▶ END
 
 Independent agent calls fan out with ``Send`` so the local model batches them. State is
 plain JSON (records are dumped), checkpointed after every step by LangGraph's SQLite
 checkpointer: a night killed at any point resumes without repeating finished agent calls,
 and every id is deterministic so consolidation never adds a memory twice.
+
+The subconscious: *park* keeps what tonight rejected (not for being already known) or the
+persona vetoed as parked thoughts in the memory store; on the user's next nights *revisit*
+sends each back through verify/reshape/consult as a pending candidate citing the new turns
+most like it. It becomes a memory when the new evidence carries it, and expires after
+``night.park_nights`` nights.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from memory.daylog import DayLog, atomic_write_text
 from memory.diary import Diary, DiaryStep
 from memory.facts import FactStore, MemoryIndex
 from memory.identity import Identity
-from memory.records import Candidate, ForgetRequest, Memory, Session, now
+from memory.records import Candidate, ForgetRequest, Memory, ParkedThought, Session, now
 from memory.store import MemoryStore
 
 
@@ -53,7 +59,9 @@ class NightState(TypedDict, total=False):
     forget: list[dict]
     routed_chunks: Annotated[int, operator.add]
     candidates: Annotated[dict[str, dict], merge]
+    parked: list[dict]  # tonight's users' parked thoughts as revisit read them
     consolidation: dict
+    subconscious: dict  # what park did: thought ids parked, revived, kept, expired, ...
     training_set: str
     forge: dict
 
@@ -88,6 +96,51 @@ def gather(state: NightState, runtime: Runtime[NightDeps]) -> dict:
                                 verdict=f"{len(sessions)} sessions",
                                 parsed=[s.session_id for s in sessions]))
     return {"sessions": [s.model_dump(mode="json") for s in sessions]}
+
+
+# A parked thought is revisited only against new user turns at least this close (cosine,
+# MiniLM): a related turn scores about 0.5-0.85, an unrelated one below 0.35.
+REVISIT_SIMILARITY = 0.4
+REVISIT_TURNS = 2
+
+
+def revisit(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """Parked thoughts of tonight's users back into the night: each becomes a ``pending``
+    candidate citing the (at most two) new user turns of one session most similar to it,
+    so the verifier judges it on new evidence. A thought with no such turn is not
+    revisited; :func:`park` ages it."""
+    deps, night_id = runtime.context, state["night_id"]
+    sessions = [Session.model_validate(s) for s in state.get("sessions", [])]
+    snapshot, candidates = [], {}
+    for user in sorted({s.user_id for s in sessions}):  # a user's thoughts, their turns only
+        turns = [(s, m) for s in sessions if s.user_id == user for m in s.messages
+                 if m.role == "user"]
+        for p in deps.store.parked(user):
+            snapshot.append(p.model_dump(mode="json"))
+            scored = sorted(((deps.similarity(p.statement(), m.content), i)
+                             for i, (_, m) in enumerate(turns)), key=lambda x: (-x[0], x[1]))
+            if not scored or scored[0][0] < REVISIT_SIMILARITY:
+                continue
+            session = turns[scored[0][1]][0]
+            best = [(sim, turns[i][1].turn_id) for sim, i in scored
+                    if sim >= REVISIT_SIMILARITY and turns[i][0] is session][:REVISIT_TURNS]
+            cites = [m.turn_id for m in session.messages if m.turn_id in {t for _, t in best}]
+            c = Candidate(id=f"{p.id}@{night_id}", night_id=night_id, user_id=user,
+                          session_id=session.session_id, kind=p.kind, question=p.question,
+                          answer=p.answer, phrasings=p.phrasings, text=p.text, cites=cites,
+                          revives=p.id, history=[{"agent": "subconscious", "parked_id": p.id,
+                                                  "parked_in": p.night_id,
+                                                  "nights_seen": p.nights_seen,
+                                                  "reasons": p.reasons}])
+            candidates[c.id] = c.model_dump(mode="json")
+            deps.diary.record(DiaryStep(
+                step_id=f"revisit:{p.id}", night_id=night_id, agent="subconscious",
+                candidate_id=c.id, session_id=session.session_id, verdict="revisit",
+                raw_output=p.statement(),
+                scores={f"similarity {t}": round(sim, 3) for sim, t in best},
+                reasons=[f"parked in night {p.night_id}: " + ("; ".join(p.reasons) or "no reason")],
+                parsed={"parked_id": p.id, "cites": cites, "nights_seen": p.nights_seen}))
+    return {"parked": snapshot, "candidates": candidates}
 
 
 def route(state: NightState, runtime: Runtime[NightDeps]) -> dict:
@@ -186,7 +239,8 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     """Memory operations: add, supersede a contradicted fact (old kept and linked),
     merge duplicates, and delete what the user explicitly asked to forget."""
     deps, night_id = runtime.context, state["night_id"]
-    ops = {"added": [], "superseded": [], "duplicates": [], "deleted": [], "dropped": []}
+    ops = {"added": [], "superseded": [], "duplicates": [], "deleted": [], "dropped": [],
+           "revived": {}}  # revisited candidate id -> the memory it became (or joined)
     forget = [ForgetRequest.model_validate(f) for f in state.get("forget", [])]
     approved = sorted((Candidate.model_validate(c) for c in state.get("candidates", {}).values()
                        if c["status"] == "approved"), key=lambda c: c.id)
@@ -208,6 +262,8 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     for c in approved:
         memory = to_memory(c)
         if deps.store.get(memory.id) is not None:  # a resumed night: done already
+            if c.revives:
+                ops["revived"][c.id] = memory.id
             continue
         hit = next((r for r in forget if r.user_id == c.user_id and
                     deps.similarity(r.target, c.statement()) >= deps.night.forget_similarity), None)
@@ -219,8 +275,11 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         if op == "duplicate":
             existing = deps.store.get(other)
             existing.associated = sorted(set(existing.associated) | {f"{c.session_id}:{t}" for t in c.cites})
-            deps.store.update(existing, reason=f"seen again in {c.session_id} (night {night_id})")
+            deps.store.update(existing, reason=f"seen again in {c.session_id} (night {night_id})"
+                              + (f"; {revived_note(c)}" if c.revives else ""))
             ops["duplicates"].append(other)
+            if c.revives:
+                ops["revived"][c.id] = other
             log("duplicate", other, c.statement(), [f"same as {other}"])
             continue
         if op == "supersede":
@@ -234,7 +293,97 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             log("add", memory.id, memory.statement())
         deps.index.upsert(memory)
         ops["added"].append(memory.id)
+        if c.revives:
+            ops["revived"][c.id] = memory.id
     return {"consolidation": ops}
+
+
+def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """The subconscious: settle the thoughts revisit read, then park tonight's new ones.
+
+    An earlier thought is *revived* (its revisit became a memory), *known* (its revisit
+    was rejected as already known), *forgotten* (like a forget request of its user),
+    *expired* (``expires_after`` nights seen without support) or *kept* (a night older,
+    with tonight's reasons). Then every candidate of tonight rejected for a reason other
+    than being already known, or vetoed by the persona, is parked, once per content and
+    never if the user asked to forget it. Decisions come from the state alone and every
+    write is keyed by a deterministic id (or guarded by ``last_night``), so a resumed
+    night repeats none."""
+    deps, night_id = runtime.context, state["night_id"]
+    night, ops = deps.night, state["consolidation"]
+    cands = sorted((Candidate.model_validate(c) for c in state.get("candidates", {}).values()),
+                   key=lambda c: c.id)
+    forget = [ForgetRequest.model_validate(f) for f in state.get("forget", [])]
+    out = {"parked": [], "revived": [], "known": [], "forgotten": [], "expired": [], "kept": []}
+
+    def log(op: str, p: ParkedThought, reasons: list[str], **fields) -> None:
+        out[op].append(p.id)
+        deps.diary.record(DiaryStep(step_id=f"park:{op}:{p.id}", night_id=night_id,
+                                    agent="subconscious", verdict=op, raw_output=p.statement(),
+                                    reasons=reasons, **fields))
+
+    def forgotten(user_id: str, text: str) -> Optional[ForgetRequest]:
+        return next((r for r in forget if r.user_id == user_id and deps.similarity(
+            r.target, text) >= night.forget_similarity), None)
+
+    def known(c: Candidate) -> bool:  # the verifier's novelty test: nothing left to learn
+        return c.status == "rejected" and c.scores.novelty < night.min_novelty
+
+    revisits = {c.revives: c for c in cands if c.revives}
+    for p in (ParkedThought.model_validate(x) for x in state.get("parked", [])):
+        c = revisits.get(p.id)
+        fields = {"candidate_id": c.id, "session_id": c.session_id} if c else {}
+        if hit := forgotten(p.user_id, p.statement()):
+            deps.store.remove_parked(p.id)
+            log("forgotten", p, [f"the user asked to forget: {hit.text}"], **fields)
+        elif c and c.status == "approved":
+            deps.store.remove_parked(p.id)
+            if memory_id(c.id) in ops["dropped"]:  # consolidate dropped it on a forget request
+                log("forgotten", p, ["dropped at consolidation: the user asked to forget it"],
+                    **fields)
+            else:
+                memory = ops["revived"].get(c.id, memory_id(c.id))
+                log("revived", p, [f"{revived_note(c)} into memory {memory}"],
+                    memory_id=memory, **fields)
+        elif c and known(c):
+            deps.store.remove_parked(p.id)
+            log("known", p, c.reasons, **fields)
+        else:
+            seen = p.nights_seen + 1
+            reasons = c.reasons if c else p.reasons
+            why = (f"revisited in night {night_id}: {c.status}" if c
+                   else f"no new turn like it in night {night_id}")
+            if seen >= p.expires_after:
+                deps.store.remove_parked(p.id)
+                log("expired", p, [f"unsupported for {seen} nights (parked in night "
+                                   f"{p.night_id}); {why}", *reasons], **fields)
+                continue
+            stored = deps.store.get_parked(p.id)
+            if stored is not None and stored.last_night != night_id:  # once per night
+                deps.store.update_parked(stored.model_copy(update={
+                    "nights_seen": seen, "last_night": night_id, "reasons": reasons}), why)
+            log("kept", p, [f"{why}; nights seen {seen}/{p.expires_after}", *reasons], **fields)
+
+    taken = {(p["user_id"], p["kind"], _norm(ParkedThought.model_validate(p).statement()))
+             for p in state.get("parked", [])}
+    taken |= {(c.user_id, c.kind, _norm(c.statement())) for c in cands if c.status == "approved"}
+    for c in cands:
+        if c.revives or c.status not in ("rejected", "vetoed") or known(c):
+            continue
+        key = (c.user_id, c.kind, _norm(c.statement()))
+        if key in taken or forgotten(c.user_id, c.statement()):
+            continue
+        taken.add(key)
+        p = ParkedThought(id=parked_id(c.id), user_id=c.user_id, candidate_id=c.id, kind=c.kind,
+                          question=c.question, answer=c.answer, phrasings=c.phrasings,
+                          text=c.text, reasons=c.reasons, night_id=night_id,
+                          source_session=c.session_id, source_turns=c.cites,
+                          last_night=night_id, expires_after=night.park_nights,
+                          history=[{"at": now().isoformat(), "reason": f"{c.status} in night "
+                                    f"{night_id} (round {c.round})"}])
+        deps.store.add_parked(p)  # a no-op when a resumed night parks it again
+        log("parked", p, c.reasons, candidate_id=c.id, session_id=c.session_id)
+    return {"subconscious": out}
 
 
 def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
@@ -293,17 +442,36 @@ def memory_id(candidate_id: str) -> str:
     return "mem-" + hashlib.sha1(candidate_id.encode()).hexdigest()[:12]
 
 
+def parked_id(candidate_id: str) -> str:
+    return "park-" + hashlib.sha1(candidate_id.encode()).hexdigest()[:12]
+
+
+def revived_note(c: Candidate) -> str:
+    """``revived from parked thought <id> (parked in night <night>)`` for a revisited
+    candidate (its first history entry is revisit's)."""
+    origin = next((h for h in c.history if h.get("agent") == "subconscious"), {})
+    return (f"revived from parked thought {c.revives} "
+            f"(parked in night {origin.get('parked_in', '?')})")
+
+
 def to_memory(c: Candidate) -> Memory:
+    at = now().isoformat()
+    history = [{"at": at, "reason": "verified", "status": "verified", "candidate": c.id}]
+    if c.revives:
+        history.append({"at": at, "reason": revived_note(c), "status": "verified",
+                        "parked": c.revives})
     return Memory(id=memory_id(c.id), user_id=c.user_id, kind=c.kind, text=c.text,
                   question=c.question, answer=c.answer, phrasings=c.phrasings, scores=c.scores,
                   status="verified", source_session=c.session_id, source_turns=c.cites,
-                  night_id=c.night_id, history=[{"at": now().isoformat(), "reason": "verified",
-                                                  "status": "verified", "candidate": c.id}])
+                  night_id=c.night_id, history=history)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().replace(".", " ").split())
 
 
 def _same(a: str, b: str) -> bool:
-    norm = lambda s: " ".join(s.lower().replace(".", " ").split())  # noqa: E731
-    return norm(a) == norm(b)
+    return _norm(a) == _norm(b)
 
 
 def decide(memory: Memory, deps: NightDeps) -> tuple[str, str]:
@@ -354,6 +522,7 @@ def build_graph() -> StateGraph:
     """The night's graph (uncompiled): compile it with a checkpointer to run."""
     g = StateGraph(NightState, context_schema=NightDeps)
     g.add_node("gather", gather)
+    g.add_node("revisit", revisit)
     g.add_node("route", route)
     g.add_node("dream", dream)
     g.add_node("triage", triage)
@@ -361,18 +530,21 @@ def build_graph() -> StateGraph:
     g.add_node("reshape", reshape)
     g.add_node("consult", consult)
     g.add_node("consolidate", consolidate)
+    g.add_node("park", park)
     g.add_node("handoff", handoff)
     g.add_node("learn", learn)
 
     g.add_edge(START, "gather")
-    g.add_edge("gather", "route")
+    g.add_edge("gather", "revisit")
+    g.add_edge("revisit", "route")
     g.add_conditional_edges("route", fan_out_dreams, ["dream", "triage"])
     g.add_edge("dream", "triage")
     g.add_conditional_edges("triage", next_work, ["verify", "reshape", "consult", "consolidate"])
     g.add_edge("verify", "triage")
     g.add_edge("reshape", "triage")
     g.add_edge("consult", "triage")
-    g.add_edge("consolidate", "handoff")
+    g.add_edge("consolidate", "park")
+    g.add_edge("park", "handoff")
     g.add_edge("handoff", "learn")
     g.add_edge("learn", END)
     return g

@@ -114,7 +114,11 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
         if not night_id:
             raise NightError("no unfinished night to resume (see `reverie diary list`)")
     else:
-        night_id = new_night_id()
+        night_id = base = new_night_id()
+        n = 1
+        while (settings.paths.diary / night_id).exists():  # two nights in one second
+            n += 1
+            night_id = f"{base}-{n}"
     if learner is True:
         learner = None
         if settings.forge.enabled:
@@ -154,6 +158,7 @@ def summarize(state: dict, seconds: float) -> dict:
     """The night's counts (the diary adds time and tokens per agent)."""
     cands = list(state.get("candidates", {}).values())
     ops = state.get("consolidation", {})
+    sub = state.get("subconscious", {})
     count = lambda status: sum(c["status"] == status for c in cands)  # noqa: E731
     return {
         "sessions": len(state.get("sessions", [])),
@@ -171,6 +176,10 @@ def summarize(state: dict, seconds: float) -> dict:
         "duplicates": len(ops.get("duplicates", [])),
         "deleted": len(ops.get("deleted", [])),
         "dropped_on_request": len(ops.get("dropped", [])),
+        "parked": len(sub.get("parked", [])),
+        "revisited": sum(bool(c.get("revives")) for c in cands),
+        "revived": len(sub.get("revived", [])),
+        "expired": len(sub.get("expired", [])),
         "training_set": state.get("training_set", ""),
         "forge": {k: v for k, v in state.get("forge", {}).items() if k not in ("losses",)},
         "seconds": round(seconds, 1),

@@ -127,7 +127,8 @@ class Candidate(BaseModel):
 
     ``status``: ``pending`` (to verify) -> ``passed`` | ``failed`` (to reshape, while
     ``round`` < the configured rounds) | ``rejected``; then the persona consultant makes a
-    passed one ``approved`` or ``vetoed``. ``history`` keeps every version and verdict."""
+    passed one ``approved`` or ``vetoed``. ``history`` keeps every version and verdict.
+    ``revives`` is the id of the :class:`ParkedThought` a revisited candidate came from."""
 
     id: str
     night_id: str
@@ -145,6 +146,7 @@ class Candidate(BaseModel):
     scores: Scores = Field(default_factory=Scores)
     persona_note: str = ""
     identity_items: list[IdentityItem] = Field(default_factory=list)
+    revives: str = ""
     history: list[dict] = Field(default_factory=list)
 
     def statement(self) -> str:
@@ -166,3 +168,41 @@ class ForgetRequest(BaseModel):
     turn_id: str
     text: str
     target: str
+
+
+class ParkedThought(BaseModel):
+    """A candidate a night could not keep yet, carried to later nights ("the subconscious").
+
+    Parked when the verifier rejected it (for want of evidence or grounding, not because it
+    was already known) or the persona consultant vetoed it. Each later night with new
+    sessions of its user re-verifies it against the most similar new turns; it becomes a
+    memory when it passes, and is dropped once ``nights_seen`` reaches ``expires_after``.
+    ``id`` is derived from ``candidate_id``, so a resumed night parks it once; ``night_id``
+    is the night it was parked in, ``last_night`` the last night that counted it (a resumed
+    night counts it once); ``history`` records every change with its time and reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    user_id: str
+    candidate_id: str
+    kind: Literal["fact", "preference", "rule"]
+    question: str = ""
+    answer: str = ""
+    phrasings: list[str] = Field(default_factory=list)
+    text: str = ""
+    reasons: list[str] = Field(default_factory=list)
+    night_id: str
+    source_session: str = ""
+    source_turns: list[str] = Field(default_factory=list)
+    nights_seen: int = 0
+    last_night: str = ""
+    expires_after: int = Field(3, ge=1)
+    created_at: datetime = Field(default_factory=now)
+    updated_at: datetime = Field(default_factory=now)
+    history: list[dict] = Field(default_factory=list)
+
+    def statement(self) -> str:
+        if self.kind == "fact" and self.question:
+            return f"{self.question} {self.answer}".strip()
+        return self.text or self.answer

@@ -14,13 +14,20 @@ Operations (the night's *consolidate* step):
   ``deletions`` table. The memory's content is not kept anywhere; a deleted id can never be
   added again (a resumed night must not bring back what the user asked to forget).
 
+Parked thoughts (:class:`~memory.records.ParkedThought`, the night's "subconscious": what a
+night rejected or vetoed, re-verified on later nights) live beside the memories, per user:
+:meth:`MemoryStore.add_parked` (a no-op for an id already parked), :meth:`~MemoryStore.parked`,
+:meth:`~MemoryStore.update_parked` (with a ``history`` entry) and
+:meth:`~MemoryStore.remove_parked` (revived, expired or forgotten: the diary says which).
+
 Every change is one SQLite transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on
 any exception), so a crash leaves either the whole change or none of it. The database runs
 in WAL mode, so other processes can read while a night writes.
 
 Layout: table ``memories`` keyed by id, with ``user_id``, ``kind``, ``status``,
 ``superseded_by``, ``created_at``, ``updated_at`` columns for filtering and the full record
-as JSON (``record``); table ``deletions`` of tombstones.
+as JSON (``record``); table ``deletions`` of tombstones; table ``parked`` of parked
+thoughts (``user_id``, ``night_id``, times and the record as JSON).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, get_args
 
-from memory.records import Memory, MemoryKind, MemoryStatus, now
+from memory.records import Memory, MemoryKind, MemoryStatus, ParkedThought, now
 
 STATUSES: tuple[str, ...] = get_args(MemoryStatus)
 KINDS: tuple[str, ...] = get_args(MemoryKind)
@@ -57,6 +64,15 @@ CREATE TABLE IF NOT EXISTS deletions (
     request    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deletions_user ON deletions (user_id);
+CREATE TABLE IF NOT EXISTS parked (
+    id         TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL CHECK (user_id <> ''),
+    night_id   TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parked_user ON parked (user_id);
 """
 
 
@@ -271,6 +287,85 @@ class MemoryStore:
                       (memory_id, row[0], now().isoformat(), reason, request))
         # Pages are zeroed on delete (secure_delete); copy them back from the WAL and empty
         # it, so earlier page images holding the content do not linger there either.
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return True
+
+    # ---------------------------------------------------------------- parked thoughts
+
+    def _read_parked(self, conn: sqlite3.Connection, thought_id: str) -> Optional[ParkedThought]:
+        row = conn.execute("SELECT record FROM parked WHERE id = ?", (thought_id,)).fetchone()
+        return ParkedThought.model_validate_json(row[0]) if row else None
+
+    def add_parked(self, thought: ParkedThought) -> bool:
+        """Park a thought.
+
+        Returns:
+            True if it was added; False if a thought with this id is already parked (the
+            store is then unchanged, so a resumed night parks nothing twice).
+        """
+        with self._tx() as c:
+            if self._read_parked(c, thought.id) is not None:
+                return False
+            c.execute("INSERT INTO parked (id, user_id, night_id, created_at, updated_at, record)"
+                      " VALUES (?, ?, ?, ?, ?, ?)",
+                      (thought.id, thought.user_id, thought.night_id,
+                       thought.created_at.isoformat(), thought.updated_at.isoformat(),
+                       thought.model_dump_json()))
+            return True
+
+    def get_parked(self, thought_id: str) -> Optional[ParkedThought]:
+        """The parked thought with this id, or None (never parked, or removed)."""
+        with self._lock:
+            return self._read_parked(self._conn, thought_id)
+
+    def parked(self, user_id: Optional[str] = None) -> list[ParkedThought]:
+        """Parked thoughts, oldest first (by ``created_at``, then id); only this user's if
+        ``user_id`` is given."""
+        sql, args = "SELECT record FROM parked", ()
+        if user_id is not None:
+            sql, args = sql + " WHERE user_id = ?", (user_id,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY created_at, id", args).fetchall()
+        return [ParkedThought.model_validate_json(r[0]) for r in rows]
+
+    def update_parked(self, thought: ParkedThought, reason: str) -> ParkedThought:
+        """Replace a parked thought with ``thought`` (same id), appending ``{"at",
+        "reason"}`` to its ``history`` and setting ``updated_at`` to now (``created_at``
+        stays the stored one).
+
+        Returns:
+            the thought as stored.
+
+        Raises:
+            KeyError: no thought with this id is parked.
+            ValueError: ``thought.user_id`` differs from the stored one's.
+        """
+        with self._tx() as c:
+            old = self._read_parked(c, thought.id)
+            if old is None:
+                raise KeyError(thought.id)
+            if old.user_id != thought.user_id:
+                raise ValueError(f"parked thought {thought.id} belongs to user "
+                                 f"{old.user_id!r}, not {thought.user_id!r}")
+            at = now()
+            stored = thought.model_copy(update={
+                "created_at": old.created_at, "updated_at": at,
+                "history": [*thought.history, {"at": at.isoformat(), "reason": reason}]})
+            c.execute("UPDATE parked SET updated_at = ?, record = ? WHERE id = ?",
+                      (at.isoformat(), stored.model_dump_json(), thought.id))
+            return stored
+
+    def remove_parked(self, thought_id: str) -> bool:
+        """Remove a parked thought (revived, expired, or the user asked to forget it); its
+        content is overwritten in the file as for :meth:`delete`.
+
+        Returns:
+            True if it was removed; False if no thought with this id is parked.
+        """
+        with self._tx() as c:
+            if c.execute("DELETE FROM parked WHERE id = ?", (thought_id,)).rowcount == 0:
+                return False
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return True

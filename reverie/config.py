@@ -29,6 +29,7 @@ class RuntimeConfig(_Strict):
     completion_batch_size: int = Field(32, ge=1)
     prefill_batch_size: int = Field(8, ge=1)
     prefill_step_size: int = Field(512, ge=16)
+    prefix_cache_tokens: int = Field(16384, ge=0)
 
 
 class ModelsConfig(_Strict):

@@ -195,7 +195,7 @@ def test_a_real_night_on_the_default_model(settings, default_runtime):
     agents = {s.agent for s in steps}
     assert {"gather", "router", "dreamer", "verifier", "handoff"} <= agents
     dreams = [s for s in steps if s.agent == "dreamer"]
-    assert dreams and all(s.model.startswith("default") and s.temperature > 1.0 for s in dreams)
+    assert dreams and all(s.model.startswith("sleep") and s.temperature >= 1.0 for s in dreams)
     assert all(s.raw_output for s in steps if s.agent == "verifier")
     assert summary["sessions"] == 1
     assert summary["candidates"] == summary["rejected"] + summary["approved"] + summary["vetoed"]

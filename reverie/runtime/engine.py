@@ -8,15 +8,27 @@ forward passes. Each request keeps its own sampler (temperature, top_p, min_p) a
 processors (e.g. a grammar mask for structured output).
 
 All MLX work happens on the worker thread, so callers never touch MLX state concurrently.
+
+**Shared prefixes.** The night's agent calls share long prompt heads (a role's
+instructions, then a session window's transcript; only the tail is particular to one
+candidate). With ``prefix_cache_tokens > 0`` the engine finds the longest token prefix a new
+prompt shares with another prompt in flight or seen recently, prefills that prefix once into
+a KV cache (mlx-lm's ``make_prompt_cache``), and starts every request that shares it from a
+copy of that cache, so only its own tail is prefilled (mlx-lm's ``BatchGenerator.insert``
+takes per-request caches; the same idea as vLLM's automatic prefix caching and
+``mlx_lm.server``'s prompt cache). Cached prefixes are kept least-recently-used first out,
+within ``prefix_cache_tokens`` tokens in all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import queue
 import threading
 import weakref
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -24,6 +36,7 @@ from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -106,6 +119,8 @@ class Engine:
         completion_batch_size: most sequences decoded together (mlx-lm's default 32).
         prefill_batch_size: most prompts prefilled together.
         prefill_step_size: prompt tokens per prefill chunk (bounds peak memory).
+        prefix_cache_tokens: most prompt tokens held in cached shared prefixes (0: off).
+        min_prefix_tokens: shortest shared prefix worth a cache of its own.
     """
 
     model: Any
@@ -113,12 +128,18 @@ class Engine:
     completion_batch_size: int = 32
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
+    prefix_cache_tokens: int = 0
+    min_prefix_tokens: int = 48
     _inbox: "queue.Queue[_Request | None]" = field(default_factory=queue.Queue, repr=False)
+    _prefixes: "OrderedDict[tuple[int, ...], list]" = field(default_factory=OrderedDict, repr=False)
+    _recent: deque = field(default_factory=lambda: deque(maxlen=64), repr=False)
     _samplers: dict = field(default_factory=dict, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     stats: dict = field(default_factory=lambda: {"prompt_tokens": 0, "generated_tokens": 0,
-                                                 "steps": 0, "max_batch": 0}, repr=False)
+                                                 "steps": 0, "max_batch": 0,
+                                                 "cached_prompt_tokens": 0,
+                                                 "prefix_prefill_tokens": 0}, repr=False)
 
     # -- submitting -------------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None,
@@ -216,13 +237,25 @@ class Engine:
                 return
             new = [r for r in incoming if isinstance(r, _Request) and not r.cancelled]
             if new:
-                uids = gen.insert([r.prompt for r in new], max_tokens=[r.max_tokens for r in new],
+                try:
+                    heads = [self._shared_prefix(r.prompt, [o.prompt for o in new if o is not r])
+                             for r in new]
+                except Exception as exc:  # a failed prefix prefill: these requests fail
+                    for r in new:
+                        r.deliver(exc)
+                    continue
+                uids = gen.insert([r.prompt[len(h):] for r, (h, _) in zip(new, heads)],
+                                  max_tokens=[r.max_tokens for r in new],
+                                  caches=[c for _, c in heads],
+                                  all_tokens=[list(h) for h, _ in heads],
                                   samplers=[r.sampler for r in new],
                                   logits_processors=[r.processors for r in new])
                 for uid, r in zip(uids, new):
                     r.uid = uid
                     active[uid] = r
                     self.stats["prompt_tokens"] += len(r.prompt)
+                for h, _ in heads:
+                    self.stats["cached_prompt_tokens"] += len(h)
             gone = [uid for uid, r in active.items() if r.cancelled]
             if gone:
                 gen.remove(gone)
@@ -254,6 +287,52 @@ class Engine:
                     del active[resp.uid]
             if any(r is _STOP for r in incoming):
                 self._inbox.put(_STOP)  # stop once the requests in flight are done
+
+
+    # -- shared prefixes (worker thread only) -------------------------------------------
+    def _shared_prefix(self, prompt: list[int], others: list[list[int]]) -> tuple[tuple[int, ...], Any]:
+        """``(prefix, cache)``: a KV cache holding ``prefix`` (a head of ``prompt`` shared
+        with another prompt) for this request to start from, or ``((), None)``."""
+        if self.prefix_cache_tokens <= 0:
+            return (), None
+        # at least one token must stay for the request itself to prefill
+        best = max((k for k in self._prefixes if len(k) < len(prompt) and _starts(prompt, k)),
+                   key=len, default=())
+        shared = max((_common(prompt, o) for o in [*others, *self._recent]), default=0)
+        shared = min(shared, len(prompt) - 1)
+        self._recent.append(prompt)
+        if shared >= self.min_prefix_tokens and shared > len(best) + self.min_prefix_tokens // 2:
+            best = self._prefill(tuple(prompt[:shared]), best)
+        if not best:
+            return (), None
+        self._prefixes.move_to_end(best)
+        return best, copy.deepcopy(self._prefixes[best])
+
+    def _prefill(self, prefix: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
+        """Cache ``prefix``'s KV state, continuing from the cached ``start`` (a head of it)."""
+        cache = copy.deepcopy(self._prefixes[start]) if start else make_prompt_cache(self.model)
+        rest = prefix[len(start):]
+        for i in range(0, len(rest), self.prefill_step_size):
+            self.model(mx.array(rest[i:i + self.prefill_step_size])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        self.stats["prefix_prefill_tokens"] += len(rest)
+        self._prefixes[prefix] = cache
+        while sum(map(len, self._prefixes)) > self.prefix_cache_tokens and len(self._prefixes) > 1:
+            self._prefixes.popitem(last=False)
+        return prefix if prefix in self._prefixes else ()
+
+
+def _starts(seq: list[int], head: tuple[int, ...]) -> bool:
+    return len(seq) >= len(head) and tuple(seq[:len(head)]) == head
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the longest common head of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 _STOP: Any = object()

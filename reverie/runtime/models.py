@@ -155,7 +155,8 @@ class Runtime:
         engine = Engine(loaded.model, list(loaded.tokenizer.eos_token_ids),
                         completion_batch_size=rt.completion_batch_size,
                         prefill_batch_size=rt.prefill_batch_size,
-                        prefill_step_size=rt.prefill_step_size)
+                        prefill_step_size=rt.prefill_step_size,
+                        prefix_cache_tokens=rt.prefix_cache_tokens)
         return LoadedModel(name, source, loaded.model, loaded.tokenizer, engine,
                            loaded.quantized, loaded.path)
 
