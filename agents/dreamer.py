@@ -24,12 +24,18 @@ VARIABLES = frozenset({"user_id", "date", "transcript", "max_candidates", "phras
 
 
 class DreamedMemory(BaseModel):
+    """One proposed memory, in the order a careful note-taker writes it: what was said (one
+    sentence about the user), where, then, for a fact, the question it answers, the answer
+    and other ways to ask. The field order is the generation order: asked for the turn ids
+    first, Qwen2.5-Coder-0.5B cited the window's first ids whatever it then wrote (LoCoMo
+    conv-30 session 1)."""
+
     kind: Literal["fact", "preference", "rule"]
+    statement: str = Field("", max_length=240)
+    turns: list[str] = Field(min_length=1, max_length=4)
     question: str = Field("", max_length=160)
     answer: str = Field("", max_length=200)
     phrasings: list[str] = Field(default_factory=list, max_length=8)
-    statement: str = Field("", max_length=240)
-    turns: list[str] = Field(min_length=1, max_length=4)
 
 
 class Dream(BaseModel):
@@ -56,11 +62,13 @@ def answer_spans(messages: list[Message], max_words: int = 6, limit: int = 600) 
 
 def grammar(turn_ids: list[str], max_candidates: int, phrasings: int,
             spans: list[str] | None = None) -> dict:
-    """Dream's JSON schema narrowed for one window: turn ids as an enum, list lengths capped,
-    and with ``spans``, a fact's answer must be one of them (copied from the user's words)."""
+    """Dream's JSON schema narrowed for one window: turn ids as an enum (the user's turns:
+    a memory is about what the user said), list lengths capped, and with ``spans``, a
+    fact's answer must be one of them (copied from the user's words)."""
     schema = json_schema(Dream)
     item = schema["$defs"]["DreamedMemory"]
     item["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
+    item["properties"]["turns"]["maxItems"] = 2
     if spans:
         item["properties"]["answer"] = {"enum": [""] + list(spans)}
     item["properties"]["phrasings"]["maxItems"] = phrasings
@@ -72,6 +80,24 @@ def grammar(turn_ids: list[str], max_candidates: int, phrasings: int,
 def windows(session: Session, size: int) -> list[list[Message]]:
     """The session's turns in windows of ``size`` (the last window may be shorter)."""
     return [session.messages[i:i + size] for i in range(0, len(session.messages), size)]
+
+
+def context(session: Session, cites: list[str], size: int) -> list[Message]:
+    """The windows of ``session`` (as :func:`windows` cuts them) that hold a cited turn,
+    joined: what the verifier and reshaper read. Candidates of one window share it, so
+    their prompts share a head the engine prefills once. No real cite: the whole session."""
+    parts = [w for w in windows(session, size) if any(m.turn_id in cites for m in w)]
+    return [m for w in parts for m in w] or list(session.messages)
+
+
+def transcript(messages: list[Message]) -> str:
+    """``[turn_id] role: content`` lines."""
+    return "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in messages)
+
+
+def user_turn_ids(messages: list[Message]) -> list[str]:
+    """Ids of the user's turns (all ids when the user has none)."""
+    return [m.turn_id for m in messages if m.role == "user"] or [m.turn_id for m in messages]
 
 
 def clean_phrasings(question: str, phrasings: list[str]) -> list[str]:
@@ -94,8 +120,9 @@ def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str) ->
         out.append(Candidate(id=f"{prefix}:{n}", night_id=night_id, user_id=session.user_id,
                              session_id=session.session_id, kind=m.kind,
                              question=m.question.strip(), answer=m.answer.strip(),
-                             phrasings=phrasings, text=(m.statement or m.answer).strip()
-                             if m.kind != "fact" else "", cites=list(dict.fromkeys(m.turns))))
+                             phrasings=phrasings,
+                             text=(m.statement if m.kind == "fact" else m.statement or m.answer).strip(),
+                             cites=list(dict.fromkeys(m.turns))))
     return out
 
 
@@ -108,10 +135,10 @@ class Dreamer:
 
     async def dream(self, session: Session, window: list[Message], night_id: str,
                     prefix: str) -> tuple[list[Candidate], AgentCall]:
-        ids = [m.turn_id for m in window]
+        ids = user_turn_ids(window)
         variables = {"user_id": session.user_id,
                      "date": f"{session.started_at:%Y-%m-%d}" if session.started_at else "unknown date",
-                     "transcript": "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in window),
+                     "transcript": transcript(window),
                      "max_candidates": self.night.max_candidates, "phrasings": self.night.phrasings}
         spans = answer_spans(window) if self.night.extractive_answers else None
         if spans == []:  # no user words in this window: nothing to remember

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from agents.dreamer import DreamedMemory, answer_spans, clean_phrasings
+from agents.dreamer import (DreamedMemory, answer_spans, clean_phrasings, context, transcript,
+                            user_turn_ids)
+from agents.verifier import note
 from memory.records import Candidate, Session
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
@@ -15,6 +17,7 @@ def grammar(turn_ids: list[str], phrasings: int, spans: list[str] | None = None)
     ``spans``, answers limited to the user's words, as for the dreamer)."""
     schema = json_schema(DreamedMemory)
     schema["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
+    schema["properties"]["turns"]["maxItems"] = 2
     if spans:
         schema["properties"]["answer"] = {"enum": [""] + list(spans)}
     schema["properties"]["phrasings"]["maxItems"] = phrasings
@@ -30,17 +33,14 @@ class Reshaper:
     async def reshape(self, candidate: Candidate, session: Session) -> tuple[Candidate, AgentCall]:
         """The rewritten candidate (``pending``, next round); if the model gives nothing
         usable, the candidate is ``rejected`` with that reason."""
-        cited = candidate.cites if any(session.turn(t) for t in candidate.cites) else \
-            [m.turn_id for m in session.messages]
-        memory = (f"Q: {candidate.question} A: {candidate.answer}" if candidate.kind == "fact"
-                  else candidate.text)
+        shown = context(session, candidate.cites, self.night.window_turns)
         result = await call(self.model, self.prompt,
-                            {"transcript": session.transcript(cited), "kind": candidate.kind,
-                             "memory": memory, "reasons": "; ".join(candidate.reasons) or "none given"},
+                            {"transcript": transcript(shown), "kind": candidate.kind,
+                             "memory": note(candidate),
+                             "reasons": "; ".join(candidate.reasons) or "none given"},
                             DreamedMemory, "reshaper", self.attempts,
-                            grammar([m.turn_id for m in session.messages], self.night.phrasings,
-                                    answer_spans([m for m in session.messages if m.turn_id in cited])
-                                    if self.night.extractive_answers else None))
+                            grammar(user_turn_ids(shown), self.night.phrasings,
+                                    answer_spans(shown) if self.night.extractive_answers else None))
         new = result.parsed
         history = candidate.history + [{"agent": "reshaper", "round": candidate.round,
                                         "before": candidate.content()}]
@@ -53,6 +53,6 @@ class Reshaper:
         return candidate.model_copy(update={
             "kind": new.kind, "question": new.question.strip(), "answer": new.answer.strip(),
             "phrasings": clean_phrasings(new.question, new.phrasings),
-            "text": (new.statement or new.answer).strip() if new.kind != "fact" else "",
+            "text": (new.statement if new.kind == "fact" else new.statement or new.answer).strip(),
             "cites": list(dict.fromkeys(new.turns)), "round": candidate.round + 1,
             "status": "pending", "reasons": [], "history": history}), result

@@ -62,6 +62,16 @@ class Session(BaseModel):
                          if keep is None or m.turn_id in keep)
 
 
+def statement_of(record) -> str:
+    """One line for prompts, embeddings and the diary: the note-taker's sentence about the
+    user when there is one, else a fact's question and answer, else the answer."""
+    if record.text:
+        return record.text
+    if record.kind == "fact" and record.question:
+        return f"{record.question} {record.answer}".strip()
+    return record.answer
+
+
 MemoryKind = Literal["fact", "preference", "rule", "forget"]
 MemoryStatus = Literal["candidate", "verified", "rejected", "learned"]
 
@@ -107,9 +117,7 @@ class Memory(BaseModel):
 
     def statement(self) -> str:
         """One line for prompts, embeddings and the diary."""
-        if self.kind == "fact" and self.question:
-            return f"{self.question} {self.answer}".strip()
-        return self.text or self.answer
+        return statement_of(self)
 
 
 CandidateStatus = Literal["pending", "failed", "passed", "rejected", "approved", "vetoed"]
@@ -150,9 +158,7 @@ class Candidate(BaseModel):
     history: list[dict] = Field(default_factory=list)
 
     def statement(self) -> str:
-        if self.kind == "fact" and self.question:
-            return f"{self.question} {self.answer}".strip()
-        return self.text or self.answer
+        return statement_of(self)
 
     def content(self) -> dict:
         """The memory's content alone (what the reshaper rewrites)."""
@@ -203,6 +209,4 @@ class ParkedThought(BaseModel):
     history: list[dict] = Field(default_factory=list)
 
     def statement(self) -> str:
-        if self.kind == "fact" and self.question:
-            return f"{self.question} {self.answer}".strip()
-        return self.text or self.answer
+        return statement_of(self)

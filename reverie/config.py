@@ -60,9 +60,9 @@ SLEEP_ROLES = ("dreamer", "verifier", "reshaper")
 
 def _default_roles() -> dict[str, RoleConfig]:
     return {
-        "dreamer": RoleConfig(temperature=1.1, top_p=1.0, min_p=0.1, max_tokens=384),
-        "verifier": RoleConfig(temperature=0.1, max_tokens=256),
-        "reshaper": RoleConfig(temperature=0.5, top_p=0.9, max_tokens=256),
+        "dreamer": RoleConfig(temperature=1.0, top_p=1.0, min_p=0.1, max_tokens=384),
+        "verifier": RoleConfig(temperature=0.0, max_tokens=96),
+        "reshaper": RoleConfig(temperature=0.5, top_p=0.9, max_tokens=192),
         "persona": RoleConfig(temperature=0.2, max_tokens=256),
         "student": RoleConfig(temperature=0.0, max_tokens=256),
     }
@@ -77,10 +77,10 @@ class StructuredConfig(_Strict):
 class NightConfig(_Strict):
     """The night's agents: how much they dream, how strictly they verify."""
 
-    dream_bursts: int = Field(2, ge=1)
+    dream_bursts: int = Field(1, ge=1)
     window_turns: int = Field(6, ge=2)
     max_candidates: int = Field(4, ge=1, le=16)
-    phrasings: int = Field(3, ge=1, le=8)
+    phrasings: int = Field(2, ge=1, le=8)
     reshape_rounds: int = Field(2, ge=0)
     extractive_answers: bool = True
     min_importance: float = Field(0.2, ge=0.0, le=1.0)

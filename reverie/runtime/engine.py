@@ -133,6 +133,7 @@ class Engine:
     _inbox: "queue.Queue[_Request | None]" = field(default_factory=queue.Queue, repr=False)
     _prefixes: "OrderedDict[tuple[int, ...], list]" = field(default_factory=OrderedDict, repr=False)
     _recent: deque = field(default_factory=lambda: deque(maxlen=64), repr=False)
+    _once: tuple = field(default=((), None), repr=False)
     _samplers: dict = field(default_factory=dict, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -305,6 +306,8 @@ class Engine:
             best = self._prefill(tuple(prompt[:shared]), best)
         if not best:
             return (), None
+        if best not in self._prefixes:  # over the budget: this request alone uses it
+            return best, self._once[1]
         self._prefixes.move_to_end(best)
         return best, copy.deepcopy(self._prefixes[best])
 
@@ -317,9 +320,13 @@ class Engine:
             mx.eval([c.state for c in cache])
         self.stats["prefix_prefill_tokens"] += len(rest)
         self._prefixes[prefix] = cache
-        while sum(map(len, self._prefixes)) > self.prefix_cache_tokens and len(self._prefixes) > 1:
-            self._prefixes.popitem(last=False)
-        return prefix if prefix in self._prefixes else ()
+        # oldest out first; a prefix over the whole budget is used once and not kept
+        while sum(map(len, self._prefixes)) > self.prefix_cache_tokens:
+            old, old_cache = self._prefixes.popitem(last=False)
+            if old == prefix:
+                self._once = (prefix, old_cache)
+                return prefix
+        return prefix
 
 
 def _starts(seq: list[int], head: tuple[int, ...]) -> bool:

@@ -211,15 +211,18 @@ def build_tokenizer(meta: dict, path: Path | str = "<gguf>"):
     Supports byte-level BPE (``tokenizer.ggml.model == "gpt2"``), the tokenizer of SmolLM2,
     Qwen2, Llama 3 and most recent models, with the pre-tokenizers of
     :data:`PRE_TOKENIZERS` (``tokenizer.ggml.pre``; llama.cpp's ``llama-vocab.cpp`` names
-    them). Special tokens are those of ``token_type == 3`` (llama.cpp's CONTROL); the chat
-    template is ``tokenizer.chat_template``. ``meta`` values may be MLX arrays (from
-    ``mx.load``) or plain Python values (from ``gguf.GGUFReader``).
+    them). Special tokens are those of ``token_type == 3`` (llama.cpp's CONTROL); tokens of
+    ``token_type == 4`` (USER_DEFINED, e.g. Qwen2.5's ``<tool_call>``) are matched whole too,
+    as llama.cpp and the model's own tokenizer do, but are not special (decoding without
+    special tokens keeps them). The chat template is ``tokenizer.chat_template``. ``meta``
+    values may be MLX arrays (from ``mx.load``) or plain Python values (from
+    ``gguf.GGUFReader``).
 
     Raises:
         GGUFError: another tokenizer model (SentencePiece GGUFs load through mlx-lm from a
             Hugging Face folder instead) or an unknown pre-tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")
@@ -234,6 +237,8 @@ def build_tokenizer(meta: dict, path: Path | str = "<gguf>"):
     tok.decoder = decoders.ByteLevel()
     types = _values(meta["tokenizer.ggml.token_type"])
     tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, t in enumerate(types) if t == 4])
 
     def special(key):
         return tokens[int(_values([meta[key]])[0])] if key in meta else None
