@@ -60,19 +60,38 @@ def answer_spans(messages: list[Message], max_words: int = 6, limit: int = 600) 
     return list(spans)[:limit]
 
 
+# A note is about the user in the third person, and a fact's question asks about the user:
+# without these the sleep model copied the user's first-person turn (or the assistant's
+# question) verbatim into the note (LoCoMo conv-30 session 1).
+STATEMENT_PATTERN = r"^The user('s)? [^\"\\\n]{3,220}$"
+QUESTION_PATTERN = (r"^((What|Where|When|Who|Whom|Which|How|Why|Does|Did|Is|Was|Has|Had|Do|Are"
+                    r"|Can|Will) [^\"\\\n?]*the user[^\"\\\n?]*\?)?$")  # empty: not a fact
+
+
+def narrow(item: dict, turn_ids: list[str], phrasings: int, spans: list[str] | None) -> dict:
+    """Constrain one DreamedMemory's JSON schema in place: cited ids among ``turn_ids`` (at
+    most two), a third-person statement, a question about the user, at most ``phrasings``
+    rephrasings, and with ``spans`` a fact's answer copied from the user's words."""
+    props = item["properties"]
+    props["turns"]["items"] = {"enum": list(turn_ids)}
+    props["turns"]["maxItems"] = 2
+    props["statement"]["pattern"] = STATEMENT_PATTERN
+    props["question"]["pattern"] = QUESTION_PATTERN
+    props["phrasings"]["maxItems"] = phrasings
+    props["phrasings"]["items"] = {"type": "string", "maxLength": 160,
+                                   "pattern": QUESTION_PATTERN.replace(")?$", ")$")}
+    if spans:
+        props["answer"] = {"enum": [""] + list(spans)}
+    return item
+
+
 def grammar(turn_ids: list[str], max_candidates: int, phrasings: int,
             spans: list[str] | None = None) -> dict:
     """Dream's JSON schema narrowed for one window: turn ids as an enum (the user's turns:
     a memory is about what the user said), list lengths capped, and with ``spans``, a
     fact's answer must be one of them (copied from the user's words)."""
     schema = json_schema(Dream)
-    item = schema["$defs"]["DreamedMemory"]
-    item["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
-    item["properties"]["turns"]["maxItems"] = 2
-    if spans:
-        item["properties"]["answer"] = {"enum": [""] + list(spans)}
-    item["properties"]["phrasings"]["maxItems"] = phrasings
-    item["properties"]["phrasings"]["items"] = {"type": "string", "maxLength": 160}
+    narrow(schema["$defs"]["DreamedMemory"], turn_ids, phrasings, spans)
     schema["properties"]["memories"]["maxItems"] = max_candidates
     return schema
 

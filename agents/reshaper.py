@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from agents.dreamer import (DreamedMemory, answer_spans, clean_phrasings, context, transcript,
-                            user_turn_ids)
+from agents.dreamer import (DreamedMemory, answer_spans, clean_phrasings, context, narrow,
+                            transcript, user_turn_ids)
 from agents.verifier import note
 from memory.records import Candidate, Session
 
@@ -15,13 +15,7 @@ VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
 def grammar(turn_ids: list[str], phrasings: int, spans: list[str] | None = None) -> dict:
     """DreamedMemory's schema with turn ids limited to the session's own (and, with
     ``spans``, answers limited to the user's words, as for the dreamer)."""
-    schema = json_schema(DreamedMemory)
-    schema["properties"]["turns"]["items"] = {"enum": list(turn_ids)}
-    schema["properties"]["turns"]["maxItems"] = 2
-    if spans:
-        schema["properties"]["answer"] = {"enum": [""] + list(spans)}
-    schema["properties"]["phrasings"]["maxItems"] = phrasings
-    return schema
+    return narrow(json_schema(DreamedMemory), turn_ids, phrasings, spans)
 
 
 class Reshaper:

@@ -60,7 +60,7 @@ SLEEP_ROLES = ("dreamer", "verifier", "reshaper")
 
 def _default_roles() -> dict[str, RoleConfig]:
     return {
-        "dreamer": RoleConfig(temperature=1.0, top_p=1.0, min_p=0.1, max_tokens=384),
+        "dreamer": RoleConfig(temperature=1.0, top_p=1.0, min_p=0.1, max_tokens=512),
         "verifier": RoleConfig(temperature=0.0, max_tokens=96),
         "reshaper": RoleConfig(temperature=0.5, top_p=0.9, max_tokens=192),
         "persona": RoleConfig(temperature=0.2, max_tokens=256),
