@@ -60,12 +60,12 @@ def answer_spans(messages: list[Message], max_words: int = 6, limit: int = 600) 
     return list(spans)[:limit]
 
 
-# A note is about the user in the third person, and a fact's question asks about the user:
-# without these the sleep model copied the user's first-person turn (or the assistant's
-# question) verbatim into the note (LoCoMo conv-30 session 1).
+# A note is about the user in the third person: without this the sleep model copied the
+# user's first-person turn verbatim into the note (LoCoMo conv-30 session 1). Questions are
+# only shaped as questions: a pattern demanding "the user" inside them made it glue words
+# together to satisfy the pattern (sample day).
 STATEMENT_PATTERN = r"^The user('s)? [^\"\\\n]{3,220}$"
-QUESTION_PATTERN = (r"^((What|Where|When|Who|Whom|Which|How|Why|Does|Did|Is|Was|Has|Had|Do|Are"
-                    r"|Can|Will) [^\"\\\n?]*the user[^\"\\\n?]*\?)?$")  # empty: not a fact
+QUESTION_PATTERN = r"^([A-Z][^\"\\\n?]{5,150}\?)?$"  # empty: not a fact
 
 
 def narrow(item: dict, turn_ids: list[str], phrasings: int, spans: list[str] | None) -> dict:
@@ -125,23 +125,59 @@ def clean_phrasings(question: str, phrasings: list[str]) -> list[str]:
             if p.endswith("?") and p.lower() != question.strip().lower()]
 
 
-def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str) -> list[Candidate]:
+_WORDS = re.compile(r"[a-z0-9][a-z0-9'-]+")
+_COMMON = frozenset("""the user user's and but for with that this have has had was were are is
+not you your they them their she her his him its it's i'm i've from about into what when where
+which who how why will would can could just really very also some more said says""".split())
+
+
+def _content(text: str) -> set[str]:
+    return {w.removesuffix("'s") for w in _WORDS.findall(text.lower()) if w not in _COMMON}
+
+
+def attribute(text: str, cites: list[str], window: list[Message], most: int = 2) -> list[str]:
+    """The user turns of ``window`` that state ``text``: the model's ``cites`` when one of
+    them shares the most content words with it, else the turns that do (at most
+    ``most``). A small model writes a good note and then cites the window's first ids
+    (measured on the sample day and LoCoMo conv-30 session 1); lexical overlap finds the
+    turn the note's words came from."""
+    words = _content(text)
+    turns = [m for m in window if m.role == "user"]
+    if not words or not turns:
+        return cites
+    overlap = {m.turn_id: len(words & _content(m.content)) for m in turns}
+    best = max(overlap.values())
+    if best == 0 or any(overlap.get(c, 0) == best for c in cites):
+        return cites
+    ranked = sorted(turns, key=lambda m: -overlap[m.turn_id])
+    return [m.turn_id for m in ranked[:most] if overlap[m.turn_id] >= max(1, best // 2)]
+
+
+def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str,
+                  window: list[Message] | None = None) -> list[Candidate]:
     """Candidates from a dream; ids are ``<prefix>:<n>`` (deterministic, for resumable nights).
-    Drafts with no content (a fact without question or answer, a statement-less rule) are
-    dropped."""
-    out = []
+    Drafts with no content (a fact without question or answer, a statement-less rule) and
+    repeats of an earlier draft's statement are dropped."""
+    out, seen = [], set()
     for n, m in enumerate(dream.memories):
+        key = " ".join((m.statement or m.question).lower().split())
+        if key in seen:
+            continue
+        seen.add(key)
         if m.kind == "fact" and not (m.question.strip() and m.answer.strip()):
             continue
         if m.kind != "fact" and not (m.statement.strip() or m.answer.strip()):
             continue
         phrasings = clean_phrasings(m.question, m.phrasings)
+        cites = list(dict.fromkeys(m.turns))
+        if window:
+            cites = attribute(f"{m.statement} {m.answer}", cites, window)
         out.append(Candidate(id=f"{prefix}:{n}", night_id=night_id, user_id=session.user_id,
                              session_id=session.session_id, kind=m.kind,
                              question=m.question.strip(), answer=m.answer.strip(),
                              phrasings=phrasings,
                              text=(m.statement if m.kind == "fact" else m.statement or m.answer).strip(),
-                             cites=list(dict.fromkeys(m.turns))))
+                             cites=cites))
     return out
 
 
@@ -170,4 +206,4 @@ class Dreamer:
         known = set(ids)
         for m in dream.memories:  # other models are not grammar-bound: keep real ids only
             m.turns = [t for t in m.turns if t in known] or m.turns
-        return to_candidates(dream, session, night_id, prefix), result
+        return to_candidates(dream, session, night_id, prefix, window), result

@@ -80,7 +80,7 @@ class NightConfig(_Strict):
     dream_bursts: int = Field(1, ge=1)
     window_turns: int = Field(6, ge=2)
     max_candidates: int = Field(4, ge=1, le=16)
-    phrasings: int = Field(2, ge=1, le=8)
+    phrasings: int = Field(1, ge=1, le=8)
     reshape_rounds: int = Field(2, ge=0)
     extractive_answers: bool = True
     min_importance: float = Field(0.2, ge=0.0, le=1.0)
