@@ -52,8 +52,19 @@ def child(args) -> dict:
         out["embeddings_per_s"] = len(SENTENCES) / (time.perf_counter() - t)
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return out
-    loaded = runtime.load()
+    if args.both:  # the day and the sleep model loaded at once, as during a night
+        for name in settings.models.chat:
+            runtime.load(name)
+        out["models"] = list(settings.models.chat)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        runtime.close()
+        return out
+    loaded = runtime.load(args.model)
     model = loaded.model
+    if args.prefix:
+        out.update(shared_prefix(loaded))
+        runtime.close()
+        return out
 
     # prefill: one 256-token prompt, one forward pass (after a warm-up pass)
     text = " ".join(["The night consolidates what the day has taught."] * 40)
@@ -98,6 +109,26 @@ def child(args) -> dict:
     return out
 
 
+def shared_prefix(loaded) -> dict:
+    """8 agent-like calls sharing a ~1,000-token head (instructions + transcript), 16 new
+    tokens each: seconds without and with the engine's prefix caches."""
+    from reverie.runtime.engine import Engine
+
+    head = "You check notes about a user against a conversation.\n" + "\n".join(
+        f"[D1:{i}] user: I rehearsed with my group {i} times and my cat Tom{i} watched." for i in range(40))
+    prompts = [loaded.encode_chat([{"role": "user", "content": f"{head}\n\nNote {q}: the user has a cat."}])
+               for q in range(8)]
+    out = {"prefix_prompt_tokens": len(prompts[0])}
+    for budget in (0, 16384):
+        engine = Engine(loaded.model, list(loaded.tokenizer.eos_token_ids), prefix_cache_tokens=budget)
+        t = time.perf_counter()
+        for h in [engine.submit(p, 16) for p in prompts]:
+            list(h)
+        out[f"prefix_{budget}_s"] = time.perf_counter() - t
+        engine.close()
+    return out
+
+
 def run_child(*extra) -> dict:
     cmd = [sys.executable, __file__, "--child", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -127,9 +158,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--embeddings", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="default", help="a key of models.chat (child)")
+    ap.add_argument("--prefix", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--both", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sleep", action="store_true",
+                    help="the sleep model: throughput, shared-prefix caching, both models' memory")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.sleep:
+        sleep_table()
         return
 
     configs = [("on", "float32", [1, 8, 32])]
@@ -163,6 +202,35 @@ def main() -> None:
     (RESULTS / "runtime.md").write_text(table + "\n")
     (RESULTS / "runtime.json").write_text(json.dumps({"machine": machine(), "rows": rows,
                                                       "embeddings": emb}, indent=1) + "\n")
+
+
+def sleep_table() -> None:
+    """The sleep model beside the day model (float32, OpenBLAS): throughput for 1/8/32
+    requests, 8 calls sharing a ~1k-token head with and without prefix caches, and the
+    peak memory of both models loaded at once. Written to results/runtime-sleep.md."""
+    rows = []
+    for name in ("default", "sleep"):
+        print(f"running: {name} ...", file=sys.stderr)
+        r = run_child("--model", name, "--concurrency", "1", "8", "32")
+        r.update(run_child("--model", name, "--prefix"))
+        rows.append((name, r))
+    both = run_child("--both")
+    lines = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; float32 weights, OpenBLAS, "
+             f"{NEW_TOKENS} new tokens per request", "",
+             "| model | prefill tok/s (1x256) | decode tok/s, 1 | decode tok/s, 8 (aggregate) "
+             "| decode tok/s, 32 (aggregate) | 8 calls sharing a head: s without / with prefix cache "
+             "| peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['c1']['decode_tok_s']:.1f} "
+                     f"| {r['c8']['decode_tok_s']:.1f} | {r['c32']['decode_tok_s']:.1f} "
+                     f"| {r['prefix_0_s']:.1f} / {r['prefix_16384_s']:.1f} "
+                     f"({r['prefix_prompt_tokens']} prompt tokens each) | {r['peak_rss_mb']:.0f} |")
+    lines += ["", f"Both models loaded at once ({', '.join(both['models'])}): peak RSS "
+              f"{both['peak_rss_mb']:.0f} MB"]
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "runtime-sleep.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
