@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from agents.dreamer import (DreamedMemory, answer_spans, clean_phrasings, context, narrow,
-                            transcript, user_turn_ids)
+from agents.dreamer import (DreamedMemory, answer_spans, attribute, clean_phrasings, context,
+                            narrow, transcript, user_turn_ids)
 from agents.verifier import note
 from memory.records import Candidate, Session
 
@@ -48,5 +48,7 @@ class Reshaper:
             "kind": new.kind, "question": new.question.strip(), "answer": new.answer.strip(),
             "phrasings": clean_phrasings(new.question, new.phrasings),
             "text": (new.statement if new.kind == "fact" else new.statement or new.answer).strip(),
-            "cites": list(dict.fromkeys(new.turns)), "round": candidate.round + 1,
+            "cites": attribute(f"{new.statement} {new.answer}", list(dict.fromkeys(new.turns)),
+                               shown),
+            "round": candidate.round + 1,
             "status": "pending", "reasons": [], "history": history}), result

@@ -535,3 +535,41 @@ def test_sleep_model_answers_through_the_verifier_role(default_runtime):
     assert chat.loaded.tokenizer.encode(text, add_special_tokens=False) == ids
     reply = chat.invoke("What is the capital of France? Answer with one word.")
     assert "Paris" in reply.content
+
+
+# -- the dreamer's constraints for the sleep model ---------------------------------------------
+
+def test_cited_turns_follow_the_notes_words():
+    from agents.dreamer import attribute
+    from memory.records import Message
+
+    window = [Message(turn_id="t1", role="user", content="I'm Maya. My dog Biscuit is a beagle."),
+              Message(turn_id="t2", role="assistant", content="I work at Tidewater Labs too!"),
+              Message(turn_id="t3", role="user", content="I work as a data engineer at Tidewater Labs."),
+              Message(turn_id="t5", role="user", content="My birthday is on 14 March.")]
+    # the model cited the window's first ids; the note's words are in t3 (a user turn)
+    assert attribute("The user works as a data engineer at Tidewater Labs.", ["t1"], window) == ["t3"]
+    # a right citation is kept as it is
+    assert attribute("The user's birthday is on 14 March.", ["t5"], window) == ["t5"]
+    # nothing in common with any user turn: the model's cites stand (grounding judges them)
+    assert attribute("The user plays the oboe.", ["t1"], window) == ["t1"]
+
+
+def test_dream_grammar_asks_for_third_person_notes_and_drops_repeats():
+    import re
+
+    from agents.dreamer import Dream, DreamedMemory, STATEMENT_PATTERN, grammar, to_candidates
+    from memory.records import Message, Session
+
+    item = grammar(["t1", "t3"], 4, 1, None)["$defs"]["DreamedMemory"]["properties"]
+    assert item["statement"]["pattern"] == STATEMENT_PATTERN
+    assert item["turns"]["items"] == {"enum": ["t1", "t3"]} and item["turns"]["maxItems"] == 2
+    assert re.match(STATEMENT_PATTERN, "The user's dog is called Biscuit.")
+    assert not re.match(STATEMENT_PATTERN, "I've been into dancing since I was a kid.")
+    session = Session(session_id="s", user_id="me", messages=[
+        Message(turn_id="t1", role="user", content="My dog is called Biscuit.")])
+    note = DreamedMemory(kind="fact", statement="The user's dog is called Biscuit.", turns=["t1"],
+                         question="What is the user's dog called?", answer="Biscuit")
+    out = to_candidates(Dream(memories=[note, note.model_copy()]), session, "n", "s:w0:b0",
+                        session.messages)
+    assert [c.id for c in out] == ["s:w0:b0:0"] and out[0].text == "The user's dog is called Biscuit."
