@@ -573,3 +573,27 @@ def test_dream_grammar_asks_for_third_person_notes_and_drops_repeats():
     out = to_candidates(Dream(memories=[note, note.model_copy()]), session, "n", "s:w0:b0",
                         session.messages)
     assert [c.id for c in out] == ["s:w0:b0:0"] and out[0].text == "The user's dog is called Biscuit."
+
+
+def test_after_a_night_only_the_day_model_stays_loaded(tmp_path):
+    from reverie.config import Settings
+    from reverie.runtime.models import Runtime
+
+    class Engine:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    class Loaded:
+        def __init__(self):
+            self.engine = Engine()
+
+    runtime = Runtime(Settings(data_dir=tmp_path))
+    day, sleep = Loaded(), Loaded()
+    runtime._models = {runtime.settings.models.chat["default"]: day,
+                       runtime.settings.models.chat["sleep"]: sleep}
+    gone = runtime.release(keep=["default"])
+    assert gone == [runtime.settings.models.chat["sleep"]]
+    assert sleep.engine.closed and not day.engine.closed
+    assert list(runtime._models) == [runtime.settings.models.chat["default"]]

@@ -98,6 +98,8 @@ class Day:
         self.last_night = summary
         if self.version() != before:  # load the promoted weights
             self.runtime.reload()
+        else:  # the night's sleep model goes back; the chat keeps the day model
+            self.runtime.release(keep=[self.settings.roles[self.role].model])
         return self.chat_model(), night_report(summary)
 
     def chat(self, rag: bool | None = None) -> ChatSession:

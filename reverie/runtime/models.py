@@ -135,6 +135,17 @@ class Runtime:
                 loaded.engine.close()
             self._models.clear()
 
+    def release(self, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """Unload every chat model except those named in ``keep`` (keys of ``models.chat``):
+        after a night the chat keeps only the day model, and the sleep model's memory (3 GB
+        in float32 for Qwen2.5-0.5B) goes back. Returns the sources released."""
+        kept = {self.settings.models.chat[name] for name in keep if name in self.settings.models.chat}
+        with self._lock:
+            gone = [src for src in self._models if src not in kept]
+            for src in gone:
+                self._models.pop(src).engine.close()
+        return gone
+
     def active_version(self, name: str) -> Path | None:
         """The folder of the model version the forge promoted for model ``name`` (None when
         the model has not learned anything yet, or is not the one the forge trains)."""
