@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from memory.records import Candidate, Message, Session
+from memory.records import Candidate, Message, Session, transcript_of
 
 VARIABLES = frozenset({"user_id", "date", "transcript", "max_candidates", "phrasings"})
 
@@ -109,11 +109,6 @@ def context(session: Session, cites: list[str], size: int) -> list[Message]:
     return [m for w in parts for m in w] or list(session.messages)
 
 
-def transcript(messages: list[Message]) -> str:
-    """``[turn_id] role: content`` lines."""
-    return "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in messages)
-
-
 def user_turn_ids(messages: list[Message]) -> list[str]:
     """Ids of the user's turns (all ids when the user has none)."""
     return [m.turn_id for m in messages if m.role == "user"] or [m.turn_id for m in messages]
@@ -153,6 +148,16 @@ def attribute(text: str, cites: list[str], window: list[Message], most: int = 2)
     return [m.turn_id for m in ranked[:most] if overlap[m.turn_id] >= max(1, best // 2)]
 
 
+def note_text(m: DreamedMemory) -> str:
+    """A draft's text: the statement (a preference or rule without one: its answer)."""
+    return (m.statement if m.kind == "fact" else m.statement or m.answer).strip()
+
+
+def cites_of(m: DreamedMemory, window: list[Message]) -> list[str]:
+    """A draft's cited turns, checked against its words (:func:`attribute`)."""
+    return attribute(f"{m.statement} {m.answer}", list(dict.fromkeys(m.turns)), window)
+
+
 def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str,
                   window: list[Message] | None = None) -> list[Candidate]:
     """Candidates from a dream; ids are ``<prefix>:<n>`` (deterministic, for resumable nights).
@@ -169,15 +174,11 @@ def to_candidates(dream: Dream, session: Session, night_id: str, prefix: str,
         if m.kind != "fact" and not (m.statement.strip() or m.answer.strip()):
             continue
         phrasings = clean_phrasings(m.question, m.phrasings)
-        cites = list(dict.fromkeys(m.turns))
-        if window:
-            cites = attribute(f"{m.statement} {m.answer}", cites, window)
         out.append(Candidate(id=f"{prefix}:{n}", night_id=night_id, user_id=session.user_id,
                              session_id=session.session_id, kind=m.kind,
                              question=m.question.strip(), answer=m.answer.strip(),
-                             phrasings=phrasings,
-                             text=(m.statement if m.kind == "fact" else m.statement or m.answer).strip(),
-                             cites=cites))
+                             phrasings=phrasings, text=note_text(m),
+                             cites=cites_of(m, window) if window else list(dict.fromkeys(m.turns))))
     return out
 
 
@@ -193,7 +194,7 @@ class Dreamer:
         ids = user_turn_ids(window)
         variables = {"user_id": session.user_id,
                      "date": f"{session.started_at:%Y-%m-%d}" if session.started_at else "unknown date",
-                     "transcript": transcript(window),
+                     "transcript": transcript_of(window),
                      "max_candidates": self.night.max_candidates, "phrasings": self.night.phrasings}
         spans = answer_spans(window) if self.night.extractive_answers else None
         if spans == []:  # no user words in this window: nothing to remember

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from reverie.runtime.structured import json_schema
 from agents.common import AgentCall, call
-from agents.dreamer import (DreamedMemory, answer_spans, attribute, clean_phrasings, context,
-                            narrow, transcript, user_turn_ids)
+from agents.dreamer import (DreamedMemory, answer_spans, cites_of, clean_phrasings, context,
+                            narrow, note_text, user_turn_ids)
 from agents.verifier import note
-from memory.records import Candidate, Session
+from memory.records import Candidate, Session, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
 
@@ -29,7 +29,7 @@ class Reshaper:
         usable, the candidate is ``rejected`` with that reason."""
         shown = context(session, candidate.cites, self.night.window_turns)
         result = await call(self.model, self.prompt,
-                            {"transcript": transcript(shown), "kind": candidate.kind,
+                            {"transcript": transcript_of(shown), "kind": candidate.kind,
                              "memory": note(candidate),
                              "reasons": "; ".join(candidate.reasons) or "none given"},
                             DreamedMemory, "reshaper", self.attempts,
@@ -47,8 +47,6 @@ class Reshaper:
         return candidate.model_copy(update={
             "kind": new.kind, "question": new.question.strip(), "answer": new.answer.strip(),
             "phrasings": clean_phrasings(new.question, new.phrasings),
-            "text": (new.statement if new.kind == "fact" else new.statement or new.answer).strip(),
-            "cites": attribute(f"{new.statement} {new.answer}", list(dict.fromkeys(new.turns)),
-                               shown),
+            "text": note_text(new), "cites": cites_of(new, shown),
             "round": candidate.round + 1,
             "status": "pending", "reasons": [], "history": history}), result

@@ -13,8 +13,8 @@ from typing import Callable, Literal
 from pydantic import BaseModel, Field
 
 from agents.common import AgentCall, call
-from agents.dreamer import context, transcript
-from memory.records import Candidate, Scores, Session
+from agents.dreamer import context
+from memory.records import Candidate, Scores, Session, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "cites"})
 
@@ -134,8 +134,8 @@ class Verifier:
         det, reasons = grounding_check(candidate, session)
         novelty = self.novelty(candidate.statement(), candidate.user_id)
         result = await call(self.model, self.prompt,
-                            {"transcript": transcript(context(session, candidate.cites,
-                                                              self.night.window_turns)),
+                            {"transcript": transcript_of(context(session, candidate.cites,
+                                                                 self.night.window_turns)),
                              "kind": candidate.kind, "memory": note(candidate),
                              "cites": ", ".join(candidate.cites) or "none"},
                             Judgement, "verifier", self.attempts)

@@ -265,8 +265,7 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             if c.revives:
                 ops["revived"][c.id] = memory.id
             continue
-        hit = next((r for r in forget if r.user_id == c.user_id and
-                    deps.similarity(r.target, c.statement()) >= deps.night.forget_similarity), None)
+        hit = forget_hit(forget, c.user_id, c.statement(), deps)
         if hit:
             ops["dropped"].append(memory.id)
             log("dropped", memory.id, c.statement(), [f"the user asked to forget: {hit.text}"])
@@ -322,10 +321,6 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
                                     agent="subconscious", verdict=op, raw_output=p.statement(),
                                     reasons=reasons, **fields))
 
-    def forgotten(user_id: str, text: str) -> Optional[ForgetRequest]:
-        return next((r for r in forget if r.user_id == user_id and deps.similarity(
-            r.target, text) >= night.forget_similarity), None)
-
     def known(c: Candidate) -> bool:  # the verifier's novelty test: nothing left to learn
         return c.status == "rejected" and c.scores.novelty < night.min_novelty
 
@@ -333,7 +328,7 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     for p in (ParkedThought.model_validate(x) for x in state.get("parked", [])):
         c = revisits.get(p.id)
         fields = {"candidate_id": c.id, "session_id": c.session_id} if c else {}
-        if hit := forgotten(p.user_id, p.statement()):
+        if hit := forget_hit(forget, p.user_id, p.statement(), deps):
             deps.store.remove_parked(p.id)
             log("forgotten", p, [f"the user asked to forget: {hit.text}"], **fields)
         elif c and c.status == "approved":
@@ -371,7 +366,7 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         if c.revives or c.status not in ("rejected", "vetoed") or known(c):
             continue
         key = (c.user_id, c.kind, _norm(c.statement()))
-        if key in taken or forgotten(c.user_id, c.statement()):
+        if key in taken or forget_hit(forget, c.user_id, c.statement(), deps):
             continue
         taken.add(key)
         p = ParkedThought(id=parked_id(c.id), user_id=c.user_id, candidate_id=c.id, kind=c.kind,
@@ -440,6 +435,14 @@ def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
 
 def memory_id(candidate_id: str) -> str:
     return "mem-" + hashlib.sha1(candidate_id.encode()).hexdigest()[:12]
+
+
+def forget_hit(forget: list[ForgetRequest], user_id: str, text: str,
+               deps: NightDeps) -> Optional[ForgetRequest]:
+    """The user's forget request ``text`` is like (embedding similarity at least
+    ``night.forget_similarity``), if any."""
+    return next((r for r in forget if r.user_id == user_id and
+                 deps.similarity(r.target, text) >= deps.night.forget_similarity), None)
 
 
 def parked_id(candidate_id: str) -> str:

@@ -58,8 +58,12 @@ class Session(BaseModel):
     def transcript(self, turn_ids: Optional[list[str]] = None) -> str:
         """``[turn_id] role: content`` lines, for prompts (all turns, or the ones given)."""
         keep = set(turn_ids) if turn_ids else None
-        return "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in self.messages
-                         if keep is None or m.turn_id in keep)
+        return transcript_of([m for m in self.messages if keep is None or m.turn_id in keep])
+
+
+def transcript_of(messages: list[Message]) -> str:
+    """``[turn_id] role: content`` lines, for prompts."""
+    return "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in messages)
 
 
 def statement_of(record) -> str:

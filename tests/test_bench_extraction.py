@@ -71,13 +71,6 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def embedder(minilm_dir):
-    from reverie.runtime.embeddings import Embedder
-
-    return Embedder.load(minilm_dir)
-
-
 def test_observations_are_speaker_a(bench):
     speaker, obs = bench.observations(bench.load_conversation(LOCOMO), [1, 2, 3])
     assert speaker == "Jon"

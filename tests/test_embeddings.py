@@ -9,16 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reverie.runtime.embeddings import Embedder, MiniLMEmbeddingFunction
+from reverie.runtime.embeddings import MiniLMEmbeddingFunction
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 LONG = " ".join(["The committee reviewed every clause of the agreement in great detail"] * 12)
-
-
-@pytest.fixture(scope="module")
-def embedder(minilm_dir) -> Embedder:
-    return Embedder.load(minilm_dir)
 
 
 def test_matches_sentence_transformers(embedder):

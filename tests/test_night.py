@@ -44,12 +44,12 @@ def judgement(grounded=True, importance=4):
 KEEP = json.dumps({"keep": True, "note": "about the user", "reinforce": []})
 
 
-def session(sid, *user_turns, day=1):
+def session(sid, *user_turns, user="me", day=1):
     messages = []
     for i, text in enumerate(user_turns):
         messages += [Message(turn_id=f"t{2 * i + 1}", role="user", content=text),
                      Message(turn_id=f"t{2 * i + 2}", role="assistant", content="Noted!")]
-    return Session(session_id=sid, user_id="me", messages=messages,
+    return Session(session_id=sid, user_id=user, messages=messages,
                    started_at=datetime(2026, 11, day, 9, tzinfo=timezone.utc))
 
 
@@ -60,13 +60,6 @@ def settings(tmp_path, model_cache):
     s.night.dream_bursts = 1
     s.night.reshape_rounds = 2
     return s
-
-
-@pytest.fixture(scope="module")
-def embedder(minilm_dir):
-    from reverie.runtime.embeddings import Embedder
-
-    return Embedder.load(minilm_dir)
 
 
 def night(settings, embedder, dreamer, verifier, reshaper=None, persona=None, **kw):

@@ -4,7 +4,6 @@ real MiniLM embedder for similarity)."""
 
 import asyncio
 import json
-from datetime import datetime, timezone
 
 import pytest
 
@@ -12,12 +11,11 @@ from graphs.night import parked_id
 from graphs.run import run_night
 from memory.daylog import DayLog
 from memory.diary import read_steps
-from memory.records import Message, Session
 from memory.store import MemoryStore
 from reverie.config import load_settings
 
 from conftest import REPO
-from test_night import KEEP, Fake, fact, judgement
+from test_night import KEEP, Fake, fact, judgement, session
 
 # The dog's name is in the turn, "dog" is not: the deterministic grounding check fails it.
 VET = "I'm taking Biscuit to the vet tomorrow."
@@ -28,15 +26,6 @@ SAME = json.dumps({"kind": "fact", "question": "What is the user's dog called?",
                    "answer": "Biscuit", "phrasings": [], "statement": "", "turns": ["t1"]})
 
 
-def session(sid, *user_turns, user="me", day=1):
-    messages = []
-    for i, text in enumerate(user_turns):
-        messages += [Message(turn_id=f"t{2 * i + 1}", role="user", content=text),
-                     Message(turn_id=f"t{2 * i + 2}", role="assistant", content="Noted!")]
-    return Session(session_id=sid, user_id=user, messages=messages,
-                   started_at=datetime(2026, 11, day, 9, tzinfo=timezone.utc))
-
-
 @pytest.fixture
 def settings(tmp_path, model_cache):
     s = load_settings(REPO / "config.yaml", data_dir=tmp_path / "data")
@@ -45,13 +34,6 @@ def settings(tmp_path, model_cache):
     s.night.reshape_rounds = 1
     s.night.park_nights = 2
     return s
-
-
-@pytest.fixture(scope="module")
-def embedder(minilm_dir):
-    from reverie.runtime.embeddings import Embedder
-
-    return Embedder.load(minilm_dir)
 
 
 def night(settings, embedder, dreamer, reshaper=None, persona=None, **kw):

@@ -194,13 +194,6 @@ def test_triggers():
 # --------------------------------------------------------------------------- users apart
 
 
-@pytest.fixture(scope="module")
-def embedder(minilm_dir):
-    from reverie.runtime.embeddings import Embedder
-
-    return Embedder.load(minilm_dir)
-
-
 def test_retrieval_never_reads_another_users_data(tmp_path, embedder):
     import chromadb
 

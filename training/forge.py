@@ -68,7 +68,6 @@ def load_source(settings: Settings, source: str):
     return loaded.model, loaded.tokenizer
 
 
-
 def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128) -> list[dict]:
     """The model's own greedy answers to the first ``n`` shipped rehearsal prompts.
 

@@ -133,7 +133,6 @@ class Engine:
     _inbox: "queue.Queue[_Request | None]" = field(default_factory=queue.Queue, repr=False)
     _prefixes: "OrderedDict[tuple[int, ...], list]" = field(default_factory=OrderedDict, repr=False)
     _recent: deque = field(default_factory=lambda: deque(maxlen=64), repr=False)
-    _once: tuple = field(default=((), None), repr=False)
     _samplers: dict = field(default_factory=dict, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -303,16 +302,18 @@ class Engine:
         shared = min(shared, len(prompt) - 1)
         self._recent.append(prompt)
         if shared >= self.min_prefix_tokens and shared > len(best) + self.min_prefix_tokens // 2:
-            best = self._prefill(tuple(prompt[:shared]), best)
+            prefix = tuple(prompt[:shared])
+            cache = self._prefill(prefix, best)
+            # a prefix over the whole budget is not kept: this request alone uses it
+            return prefix, copy.deepcopy(cache) if prefix in self._prefixes else cache
         if not best:
             return (), None
-        if best not in self._prefixes:  # over the budget: this request alone uses it
-            return best, self._once[1]
         self._prefixes.move_to_end(best)
         return best, copy.deepcopy(self._prefixes[best])
 
-    def _prefill(self, prefix: tuple[int, ...], start: tuple[int, ...]) -> tuple[int, ...]:
-        """Cache ``prefix``'s KV state, continuing from the cached ``start`` (a head of it)."""
+    def _prefill(self, prefix: tuple[int, ...], start: tuple[int, ...]) -> list:
+        """The KV cache of ``prefix``, continuing from the cached ``start`` (a head of it);
+        kept among the cached prefixes, oldest out first, within the token budget."""
         cache = copy.deepcopy(self._prefixes[start]) if start else make_prompt_cache(self.model)
         rest = prefix[len(start):]
         for i in range(0, len(rest), self.prefill_step_size):
@@ -320,13 +321,9 @@ class Engine:
             mx.eval([c.state for c in cache])
         self.stats["prefix_prefill_tokens"] += len(rest)
         self._prefixes[prefix] = cache
-        # oldest out first; a prefix over the whole budget is used once and not kept
         while sum(map(len, self._prefixes)) > self.prefix_cache_tokens:
-            old, old_cache = self._prefixes.popitem(last=False)
-            if old == prefix:
-                self._once = (prefix, old_cache)
-                return prefix
-        return prefix
+            self._prefixes.popitem(last=False)
+        return cache
 
 
 def _starts(seq: list[int], head: tuple[int, ...]) -> bool:

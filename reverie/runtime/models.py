@@ -18,7 +18,6 @@ from typing import Any
 
 from reverie.runtime import blas
 
-
 from reverie.config import Settings
 from reverie.runtime import fetch
 from reverie.runtime.engine import Engine
@@ -130,10 +129,7 @@ class Runtime:
     def reload(self) -> None:
         """Drop the loaded chat models (their engine threads stop), so the next use loads
         them again, e.g. the version a night just promoted. The embedder stays loaded."""
-        with self._lock:
-            for loaded in self._models.values():
-                loaded.engine.close()
-            self._models.clear()
+        self.release()
 
     def release(self, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Unload every chat model except those named in ``keep`` (keys of ``models.chat``):

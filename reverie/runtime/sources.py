@@ -87,12 +87,22 @@ def prepare_embedded(model: fetch.EmbeddedModel, cache: Path,
         reverie.runtime.fetch.FetchError: a download or checksum failed.
     """
     folder = fetch.ensure_model(cache, model, progress=progress, quiet=quiet)
-    if not model.convert:
-        return folder
-    out = fetch.converted_dir(cache, model)
-    if not (out / "config.json").is_file():
-        convert_gguf(folder / next(iter(model.files)), out, progress=on_convert)
-    return out
+    if model.convert and not is_prepared(model, cache):
+        convert_gguf(folder / next(iter(model.files)), prepared_dir(model, cache),
+                     progress=on_convert)
+    return prepared_dir(model, cache)
+
+
+def prepared_dir(model: fetch.EmbeddedModel, cache: Path) -> Path:
+    """Where ``model`` loads from once prepared: its mlx-lm folder for a ``convert`` model,
+    else its cache folder (may not exist yet)."""
+    return fetch.converted_dir(cache, model) if model.convert else fetch.model_dir(cache, model)
+
+
+def is_prepared(model: fetch.EmbeddedModel, cache: Path) -> bool:
+    """Whether ``model`` is fetched and, for a ``convert`` model, converted."""
+    return fetch.is_cached(cache, model) and (
+        not model.convert or (prepared_dir(model, cache) / "config.json").is_file())
 
 
 def _converted_gguf(path: Path, cache: Path) -> Path:
@@ -132,25 +142,25 @@ def load_source(source: str, cache: Path, weights: str = "auto",
             path = folder / next(iter(model_ref.files))
             model, tokenizer = load_gguf(path, quantized=quantized)
             return Loaded(model, tokenizer, path, quantized)
-        return _load_folder(str(folder), quantized, weights)
+        return _load_folder(str(folder), quantized)
     if source.endswith(".gguf"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise ModelSourceError(f"{field}: no GGUF file at {path}")
         if needs_conversion(path):
-            return _load_folder(str(_converted_gguf(path, cache)), quantized, weights)
+            return _load_folder(str(_converted_gguf(path, cache)), quantized)
         model, tokenizer = load_gguf(path, quantized=quantized)
         return Loaded(model, tokenizer, path, quantized)
-    return _load_folder(source, quantized, weights)
+    return _load_folder(source, quantized)
 
 
-def _load_folder(source: str, quantized: bool, weights: str) -> Loaded:
+def _load_folder(source: str, quantized: bool) -> Loaded:
     import mlx_lm
     from mlx_lm.utils import dequantize_model
 
     model, tokenizer = mlx_lm.load(source)
     is_quantized = any("scales" in k for k, _ in tree_flatten(model.parameters()))
-    if is_quantized and not quantized and weights != "quantized":
+    if is_quantized and not quantized:
         model = dequantize_model(model)  # float32 on the CPU: MLX's quantized matmul skips BLAS
     elif quantized and not is_quantized:
         nn.quantize(model, group_size=64, bits=METAL_BITS)
