@@ -446,6 +446,7 @@ def forget_hit(forget: list[ForgetRequest], user_id: str, text: str,
 
 
 def parked_id(candidate_id: str) -> str:
+    """The parked thought's id for a candidate (deterministic: a resumed night parks once)."""
     return "park-" + hashlib.sha1(candidate_id.encode()).hexdigest()[:12]
 
 
