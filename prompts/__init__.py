@@ -10,11 +10,14 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 from langchain_core.prompts import ChatPromptTemplate
 
 DEFAULT_DIR = Path(__file__).resolve().parent
+CHAT_VARIABLES = frozenset({"identity", "memories", "summary", "message"})
+"""The variables of ``chat.yaml``, the day chat's prompt."""
 
 
 class PromptError(ValueError):
@@ -84,3 +87,52 @@ def load_prompt(name: str, required: set[str] | frozenset[str] = frozenset(),
                           f"the {name} agent fills in only {', '.join(sorted(required))}")
     messages = ([("system", system)] if system else []) + [("user", data["user"])]
     return ChatPromptTemplate.from_messages(messages)
+
+
+@dataclass(frozen=True)
+class ChatFrame:
+    """How the day chat frames a turn: ``chat.yaml`` around the identity's system prompt.
+
+    One place for the prompt the user's questions arrive in, so that what the night trains
+    on (fact, identity and rehearsal rows), what the gate and ``reverie eval`` ask, and what
+    the chat sends are the same text. Closed book: no memories, no summary.
+
+    Args:
+        template: the loaded ``chat`` prompt (:data:`CHAT_VARIABLES`).
+        identity: the identity's system prompt (``Identity.system_prompt()``).
+    """
+
+    template: ChatPromptTemplate
+    identity: str
+
+    def render(self, message: str, memories: str = "", summary: str = "") -> list:
+        """langchain-core messages of one turn; an empty system turn is left out, so the
+        chat template's own default applies."""
+        rendered = self.template.format_messages(identity=self.identity, memories=memories,
+                                                 summary=summary, message=message)
+        return [m for m in rendered if not (m.type == "system" and not str(m.content).strip())]
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        """``[{"role", "content"}]`` of one closed-book turn, for a tokenizer's chat template."""
+        from reverie.runtime.chat_model import to_chat_messages
+
+        return to_chat_messages(self.render(question))
+
+    def row(self, question: str, answer: str, **extra) -> dict:
+        """A training row: the framed question, then ``answer`` as the assistant turn."""
+        return {"messages": self.messages(question) + [{"role": "assistant", "content": answer}],
+                **extra}
+
+    def reframe(self, rows: Sequence[dict]) -> list[dict]:
+        """Chat rows (``{"messages": [user, assistant]}``) with their user turn framed."""
+        out = []
+        for row in rows:
+            turns = row["messages"]
+            out.append({**row, "messages": self.messages(turns[-2]["content"]) + turns[-1:]})
+        return out
+
+
+def load_chat_frame(identity: str, override_dir: Path | None = None) -> ChatFrame:
+    """The chat's frame from ``chat.yaml`` (the user's copy first) and an identity's system
+    prompt. Raises :class:`PromptError` as :func:`load_prompt`."""
+    return ChatFrame(load_prompt("chat", CHAT_VARIABLES, override_dir), identity)

@@ -106,6 +106,7 @@ class ForgeConfig(_Strict):
     rank: int = Field(16, ge=1)
     alpha: float = Field(20.0, gt=0.0)
     num_layers: int = Field(4, ge=1)
+    placement: Literal["last", "middle"] = "last"
     lora_keys: list[str] | None = None
     kl_weight: float = Field(1.0, ge=0.0)
     learning_rate: float = Field(1e-4, gt=0.0)
@@ -116,9 +117,10 @@ class ForgeConfig(_Strict):
     max_iters: int = Field(300, ge=1)
     max_seq_length: int = Field(512, ge=32)
     seed: int = 0
+    select_every: int = Field(0, ge=0)
     keep_versions: int = Field(3, ge=1)
     min_new_recall: float = Field(0.0, ge=0.0, le=1.0)
-    max_capability_drop: int = Field(1, ge=0)
+    max_capability_loss: float = Field(0.03, ge=0.0, le=1.0)
     min_regression_keep: float = Field(0.9, ge=0.0, le=1.0)
     max_loss_increase: float = Field(0.25, ge=0.0)
 

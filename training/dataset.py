@@ -26,36 +26,62 @@ TEMPLATES = ["Quick question: {q}", "{q} Answer briefly.", "Do you remember? {q}
 HELD_OUT_TEMPLATE = "Can you tell me this: {q_lower}"
 
 
-def phrasings_for(memory: Memory, n: int) -> tuple[list[str], str | None]:
-    """(training questions, held-out question). The held-out one is the last of the
-    dreamer's phrasings when the fact has one besides its question, else a held-out
-    template (a weaker test: the wording around the question changes, the question not)."""
+# A dev check for checkpoint selection when the dreamer left no spare phrasing: never
+# trained on, never the gate's held-out question.
+DEV_TEMPLATE = "One more thing: {q_lower}"
+
+
+@dataclass
+class Phrasings:
+    """One fact's questions: ``train`` (trained on), ``held_out`` (the gate's, never trained
+    on or tuned on), ``dev`` (checkpoint selection, never trained on)."""
+
+    train: list[str]
+    held_out: str
+    dev: str
+
+
+def split_phrasings(memory: Memory, n: int) -> Phrasings:
+    """The fact's own questions (its question, then the dreamer's phrasings) give the
+    held-out question (the last one besides the question, else a held-out template: a
+    weaker test, the wording around the question changes, the question not), then the dev
+    question (the next to last, else :data:`DEV_TEMPLATE`); the rest, topped up with
+    templated rewordings of the question, are trained, ``n`` at most."""
     own = list(dict.fromkeys([memory.question, *memory.phrasings]))
     q = memory.question
-    held_out = own.pop() if len(own) > 1 else \
-        HELD_OUT_TEMPLATE.format(q=q, q_lower=q[:1].lower() + q[1:])
+    low = q[:1].lower() + q[1:]
+    held_out = own.pop() if len(own) > 1 else HELD_OUT_TEMPLATE.format(q=q, q_lower=low)
+    dev = own.pop() if len(own) > 1 else DEV_TEMPLATE.format(q=q, q_lower=low)
     train = list(own)
     for t in TEMPLATES:
         if len(train) >= n:
             break
-        train.append(t.format(q=q, q_lower=q[:1].lower() + q[1:]))
-    return train[:max(n, 1)], held_out
+        train.append(t.format(q=q, q_lower=low))
+    return Phrasings(train[:max(n, 1)], held_out, dev)
 
 
-def _row(question: str, answer: str, kind: str, memory_id: str = "") -> dict:
-    row = {"messages": [{"role": "user", "content": question},
-                        {"role": "assistant", "content": answer}], "kind": kind}
-    if memory_id:
-        row["memory_id"] = memory_id
-    return row
+def phrasings_for(memory: Memory, n: int) -> tuple[list[str], str]:
+    """``(training questions, held-out question)`` of :func:`split_phrasings`."""
+    p = split_phrasings(memory, n)
+    return p.train, p.held_out
 
 
-def memory_rows(memory: Memory, n: int) -> tuple[list[dict], str | None]:
-    """Training rows of one memory and its held-out question (facts only)."""
+def _row(question: str, answer: str, kind: str, memory_id: str = "", frame=None) -> dict:
+    extra = {"kind": kind} | ({"memory_id": memory_id} if memory_id else {})
+    if frame is not None:
+        return frame.row(question, answer, **extra)
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}], **extra}
+
+
+def memory_rows(memory: Memory, n: int, frame=None) -> tuple[list[dict], str | None]:
+    """Training rows of one memory and its held-out question (facts only). ``frame``: the
+    chat's :class:`prompts.ChatFrame` the questions are asked in (None: a bare user turn)."""
     if memory.kind == "fact":
         train, held = phrasings_for(memory, n)
-        return [_row(q, memory.answer, "fact", memory.id) for q in train], held
-    return [_row("What should you remember about me?", memory.text, memory.kind, memory.id)], None
+        return [_row(q, memory.answer, "fact", memory.id, frame) for q in train], held
+    return [_row("What should you remember about me?", memory.text, memory.kind, memory.id,
+                 frame)], None
 
 
 def replay_priority(memory: Memory) -> float:
@@ -81,38 +107,44 @@ def rehearsal_count(n_fact_rows: int, cfg) -> int:
 @dataclass
 class TrainingSet:
     """Rows for training and validation items. ``new_items`` are (held-out question,
-    [answer]) of tonight's facts; ``regression_items`` the same for earlier learned facts."""
+    [answer]) of tonight's facts; ``dev_items`` (dev question, [answer]) of the same facts,
+    for checkpoint selection; ``regression_items`` (question, [answer]) of earlier learned
+    facts."""
 
     rows: list[dict]
     new_items: list[tuple[str, list[str]]]
     regression_items: list[tuple[str, list[str]]]
+    dev_items: list[tuple[str, list[str]]] = field(default_factory=list)
     replayed: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
 
 
 def build(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityItem],
-          rehearsal: list[dict], cfg, seed: int = 0) -> TrainingSet:
+          rehearsal: list[dict], cfg, seed: int = 0, frame=None) -> TrainingSet:
     """Compose the set. ``rehearsal`` rows are the model's own chat answers (already
-    generated); ``cfg`` is the ``forge`` config. Rows are shuffled with ``seed``."""
-    fact_rows, new_items = [], []
+    generated, already framed); ``cfg`` is the ``forge`` config; ``frame`` the chat's
+    :class:`prompts.ChatFrame` every other row's question is put in, so the model learns
+    in the prompt it is asked in. Rows are shuffled with ``seed``."""
+    fact_rows, new_items, dev_items = [], [], []
     for m in tonight:
-        rows, held = memory_rows(m, cfg.phrasings)
+        rows, held = memory_rows(m, cfg.phrasings, frame)
         fact_rows += rows
         if held:
             new_items.append((held, [m.answer]))
+            dev_items.append((split_phrasings(m, cfg.phrasings).dev, [m.answer]))
     replayed = choose_replay(earlier, cfg.replay_max)
-    replay_rows = [r for m in replayed for r in memory_rows(m, cfg.phrasings)[0]]
+    replay_rows = [r for m in replayed for r in memory_rows(m, cfg.phrasings, frame)[0]]
     regression = [(m.question, [m.answer]) for m in earlier
                   if m.kind == "fact" and m.status == "learned"]
     n_rehearsal = min(len(rehearsal), rehearsal_count(len(fact_rows), cfg))
     rehearsal_rows = rehearsal[:n_rehearsal]
-    core = [_row(i.question, i.answer, "identity") for i in identity]
+    core = [_row(i.question, i.answer, "identity", frame=frame) for i in identity]
     body = len(fact_rows) + len(replay_rows) + len(rehearsal_rows)
     n_identity = round(cfg.identity_share * body / (1 - cfg.identity_share)) if core else 0
     identity_rows = [core[i % len(core)] for i in range(n_identity)]
     rows = fact_rows + replay_rows + rehearsal_rows + identity_rows
     random.Random(seed).shuffle(rows)
-    return TrainingSet(rows, new_items, regression, [m.id for m in replayed],
+    return TrainingSet(rows, new_items, regression, dev_items, [m.id for m in replayed],
                        {"facts": len(fact_rows), "replay": len(replay_rows),
                         "rehearsal": len(rehearsal_rows), "identity": len(identity_rows),
                         "held_out": len(new_items), "regression": len(regression)})

@@ -16,10 +16,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from memory.identity import load_identity
+from prompts import ChatFrame, load_chat_frame
 from reverie.config import Settings
 from reverie.runtime import sources
 from training import dataset, gate
-from training.lora import LoraArgs, train_adapter
+from training.lora import Checkpoint, LoraArgs, train_adapter
 from training.versions import Versions, fuse, save_model_dir
 
 
@@ -46,7 +48,32 @@ def lora_args(cfg) -> LoraArgs:
                     learning_rate=cfg.learning_rate, warmup=cfg.warmup, batch_size=cfg.batch_size,
                     epochs=cfg.epochs, min_iters=cfg.min_iters, max_iters=cfg.max_iters,
                     max_seq_length=cfg.max_seq_length, seed=cfg.seed, kl_weight=cfg.kl_weight,
-                    keys=cfg.lora_keys)
+                    keys=cfg.lora_keys, placement=cfg.placement, select_every=cfg.select_every)
+
+
+def chat_frame(settings: Settings) -> ChatFrame:
+    """The day chat's frame (its prompt file and the identity's system prompt): what the
+    night trains in and the gate asks in."""
+    identity = load_identity(settings.identity_file or settings.paths.identity)
+    return load_chat_frame(identity.system_prompt(), settings.prompts.dir)
+
+
+def dev_selector(tokenizer, dev_items, dev_probe, max_loss: float, frame: ChatFrame | None,
+                 base_probe: int):
+    """A checkpoint scorer for :func:`training.lora.train_adapter`: recall of tonight's
+    facts on their dev questions, and the dev probe, which holds when it lost at most
+    ``max_loss`` of its questions against ``base_probe`` (the count right before training).
+    Only dev questions: the gate's held-out questions and probe are never looked at."""
+    allowed = int(max_loss * len(dev_probe) + 1e-9)
+
+    def select(model, step: int) -> Checkpoint:
+        recall, _ = gate.recall(model, tokenizer, dev_items, frame)
+        probe_share, _ = gate.recall(model, tokenizer, dev_probe, frame)
+        right = round(probe_share * len(dev_probe))
+        return Checkpoint(step, recall if recall == recall else 0.0, base_probe - right <= allowed,
+                          {"dev_recall": recall, "dev_probe": right, "dev_probe_total": len(dev_probe)})
+
+    return select
 
 
 def ensure_base(settings: Settings, versions: Versions) -> str:
@@ -68,15 +95,18 @@ def load_source(settings: Settings, source: str):
     return loaded.model, loaded.tokenizer
 
 
-def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128) -> list[dict]:
-    """The model's own greedy answers to the first ``n`` shipped rehearsal prompts.
+def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128,
+                   frame: ChatFrame | None = None) -> list[dict]:
+    """The model's own greedy answers to the first ``n`` shipped rehearsal prompts, asked
+    and returned in ``frame`` (the chat's prompt; None: a bare user turn).
 
     Answers cut off at ``max_tokens`` are left out: trained with an end-of-turn token after
     them, they would teach the model to stop mid-sentence."""
     prompts = [r["prompt"] for r in gate.load_jsonl(gate.DATA / "rehearsal_prompts.jsonl")][:n]
-    answers = gate.answer(model, tokenizer, prompts, max_tokens=max_tokens)
-    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}],
-             "kind": "rehearsal"} for p, a in zip(prompts, answers)
+    answers = gate.answer(model, tokenizer, prompts, max_tokens=max_tokens, frame=frame)
+    return [(frame.row(p, a.strip(), kind="rehearsal") if frame is not None else
+             {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}],
+              "kind": "rehearsal"}) for p, a in zip(prompts, answers)
             if a.strip() and len(tokenizer.encode(a, add_special_tokens=False)) < max_tokens - 1]
 
 
@@ -102,21 +132,31 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
     if not tonight:
         return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
+    frame = chat_frame(settings)
     n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
-    rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg))
-    ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed)
+    rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg),
+                               frame=frame)
+    ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed, frame)
     outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
-    probe, general = gate.probe_items(), gate.general_rows()
-    pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general)
+    probe, general = gate.probe_items("gate"), gate.general_rows()
+    pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
+    select = None
+    if cfg.select_every:
+        dev_probe = gate.probe_items("dev")
+        base_share, _ = gate.recall(model, tokenizer, dev_probe, frame)
+        select = dev_selector(tokenizer, ts.dev_items, dev_probe, cfg.max_capability_loss, frame,
+                              round(base_share * len(dev_probe)))
     name = f"night-{night_id}"
     adapter_dir = settings.paths.adapters / night_id
-    result = train_adapter(model, tokenizer, ts.rows, general[:8], lora_args(cfg), adapter_dir,
-                           progress=progress, overwrite=True)
+    result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]), lora_args(cfg),
+                           adapter_dir, progress=progress, overwrite=True, select=select)
     fuse(model)
-    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general)
+    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
     promote, reasons = gate.decide(pre, post, cfg)
     outcome.pre, outcome.post, outcome.reasons = pre.figures(), post.figures(), reasons
-    outcome.train = {k: v for k, v in asdict(result).items() if k not in ("losses", "learning_rates")}
+    outcome.train = {k: v for k, v in asdict(result).items()
+                     if k not in ("losses", "learning_rates", "checkpoints")}
+    outcome.train["checkpoints"] = [asdict(c) for c in result.checkpoints]
     outcome.train["adapter_dir"] = str(result.adapter_dir)
     outcome.train["losses"] = result.losses
     if promote:

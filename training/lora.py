@@ -95,6 +95,14 @@ class LoraArgs:
             None: mlx-lm's default, every linear layer of the block.
         grad_checkpoint: gradient checkpointing (less memory, ~30% slower); note that
             mlx-lm patches the transformer block class for the rest of the process.
+        placement: which ``num_layers`` blocks get LoRA: ``"last"`` (mlx-lm's choice) or
+            ``"middle"`` (centred on the middle of the stack, where factual associations
+            are stored in the MLPs: Meng et al. 2022, "Locating and Editing Factual
+            Associations in GPT", ROME).
+        select_every: above 0, every this many steps (rounded up to a multiple of
+            ``report_every``) and at the end, the ``select`` function given to
+            :func:`train_adapter` scores the model and the best checkpoint is restored at
+            the end (early stopping with checkpoint selection); 0: keep the last.
     """
 
     rank: int = 16
@@ -115,6 +123,8 @@ class LoraArgs:
     report_every: int = 5
     kl_weight: float = 0.0
     keys: list[str] | None = None
+    placement: str = "last"
+    select_every: int = 0
 
     def lora_parameters(self) -> dict:
         """mlx-lm's ``lora_parameters`` block: ``{"rank", "scale", "dropout"}`` (+ ``keys``)."""
@@ -122,6 +132,70 @@ class LoraArgs:
         if self.keys:
             params["keys"] = list(self.keys)
         return params
+
+
+PLACEMENTS = ("last", "middle")
+
+
+def lora_blocks(n_blocks: int, num_layers: int, placement: str) -> range:
+    """Indices of the transformer blocks that get LoRA (see ``LoraArgs.placement``).
+
+    Raises:
+        ValueError: an unknown placement."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    k = max(0, min(num_layers, n_blocks))
+    start = n_blocks - k if placement == "last" else (n_blocks - k) // 2
+    return range(start, start + k)
+
+
+def add_lora(model: nn.Module, args: LoraArgs) -> list[int]:
+    """Put LoRA layers on the blocks :func:`lora_blocks` picks, through mlx-lm's
+    ``linear_to_lora_layers`` (given a view holding only those blocks). Returns their
+    indices."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    blocks = lora_blocks(len(model.layers), args.num_layers, args.placement)
+
+    class _Blocks(nn.Module):  # the same block objects: converted in place
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+
+    linear_to_lora_layers(_Blocks([model.layers[i] for i in blocks]), len(blocks),
+                          args.lora_parameters())
+    return list(blocks)
+
+
+@dataclass
+class Checkpoint:
+    """One scored checkpoint: the step, the ``select`` function's figures, and whether it
+    holds (keeps the capability the selector asks for)."""
+
+    step: int
+    recall: float
+    holds: bool
+    figures: dict = field(default_factory=dict)
+
+
+Select = Callable[[nn.Module, int], Checkpoint]
+"""``select(model, step) -> Checkpoint``: score the model as it is at ``step`` (dev
+questions only: never the gate's)."""
+
+
+def best_checkpoint(checkpoints: Sequence[Checkpoint]) -> Checkpoint:
+    """The checkpoint to keep: the highest recall among those that hold (the earliest of
+    equals: less drift for the same recall); if none holds, the last one (the gate will
+    then say why it rolls back).
+
+    Raises:
+        ValueError: no checkpoints."""
+    if not checkpoints:
+        raise ValueError("no checkpoints to choose from")
+    holding = [c for c in checkpoints if c.holds]
+    if not holding:
+        return checkpoints[-1]
+    return max(holding, key=lambda c: (c.recall, -c.step))
 
 
 @dataclass
@@ -144,6 +218,8 @@ class TrainResult:
         losses: the training loss at every report (every ``report_every`` steps), in order.
         learning_rates: the learning rate at every report.
         n_examples: training examples used (after skipping over-long ones).
+        checkpoints: the scored checkpoints (``select_every`` above 0), in order.
+        kept_step: the step whose weights were kept (``iterations`` without selection).
     """
 
     adapter_dir: Path
@@ -157,6 +233,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     n_examples: int = 0
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    kept_step: int = 0
 
 
 # --------------------------------------------------------------------------- data
@@ -501,7 +579,7 @@ def _versions() -> dict:
 def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
                   val_rows: Sequence[Any], args: LoraArgs, out_dir: Path,
                   progress: Progress | None = None, overwrite: bool = False,
-                  quiet: bool = True) -> TrainResult:
+                  quiet: bool = True, select: Select | None = None) -> TrainResult:
     """Train a LoRA adapter on chat-format rows and save it atomically to ``out_dir``.
 
     Freezes ``model``, adds LoRA layers to its last ``args.num_layers`` blocks
@@ -528,6 +606,8 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
         progress: ``progress(step, total, loss, answer_tokens_per_s)`` after every step.
         overwrite: replace an existing ``out_dir`` (after the new adapter is complete).
         quiet: hide mlx-lm's own console progress output.
+        select: scores a checkpoint (:data:`Select`); with ``args.select_every`` above 0
+            the best one (:func:`best_checkpoint`) is restored and saved at the end.
 
     Returns:
         :class:`TrainResult`.
@@ -537,9 +617,9 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
         ValueError: malformed rows (see :func:`encode_examples`) or no usable example.
         Whatever ``progress`` raises (the run stops, nothing is written to ``out_dir``).
     """
+    from mlx.utils import tree_flatten
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -558,7 +638,7 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
 
     mx.random.seed(args.seed)
     model.freeze()
-    linear_to_lora_layers(model, args.num_layers, args.lora_parameters())
+    blocks = add_lora(model, args)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
 
     def batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
@@ -576,6 +656,20 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
     losses: list[float] = []
     rates: list[float] = []
     totals = {"seconds": 0.0, "tokens": 0, "reports": 0, "counted_tokens": 0, "iteration": 0}
+    every = 0
+    if select is not None and args.select_every > 0:
+        every = args.report_every * math.ceil(args.select_every / args.report_every)
+    checkpoints: list[Checkpoint] = []
+    kept: dict = {}
+
+    def score(step: int) -> None:
+        model.eval()
+        checkpoints.append(select(model, step))
+        model.train()
+        if best_checkpoint(checkpoints) is checkpoints[-1]:  # copy only a new best
+            kept["step"] = step
+            kept["weights"] = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
+            mx.eval([v for _, v in kept["weights"]])
 
     class Callback(TrainingCallback):
         def on_train_loss_report(self, info: dict):
@@ -591,6 +685,8 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
             if progress is not None:
                 progress(int(info["iteration"]), iters, losses[-1],
                          float(info["tokens_per_second"]))
+            if every and (step % every == 0 or step == iters):
+                score(step)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
@@ -610,6 +706,11 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
             train(model, optimizer, train_set, None, args=training_args,
                   loss=distil_loss(args.kl_weight) if distil else masked_loss,
                   iterate_batches=batches, training_callback=Callback())
+        if every and (not checkpoints or checkpoints[-1].step != iters):
+            score(iters)
+        if every and kept.get("step", iters) != iters:  # restore and save the best
+            model.load_weights(kept["weights"], strict=False)
+            mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), dict(kept["weights"]))
         after = val_loss()
         model.eval()
         tokens_per_s = totals["counted_tokens"] / totals["seconds"] if totals["seconds"] else 0.0
@@ -617,7 +718,8 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
             adapter_dir=out_dir, iterations=iters, train_loss=losses[-1] if losses else
             float("nan"), val_loss=after, val_loss_before=before,
             tokens_per_second=tokens_per_s, trained_tokens=totals["tokens"],
-            seconds=0.0, losses=losses, learning_rates=rates, n_examples=len(train_set))
+            seconds=0.0, losses=losses, learning_rates=rates, n_examples=len(train_set),
+            checkpoints=checkpoints, kept_step=kept.get("step", iters))
         config = {
             "fine_tune_type": "lora",
             "num_layers": args.num_layers,
@@ -625,6 +727,9 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
             "reverie": {
                 **asdict(args),
                 "iterations": iters,
+                "lora_blocks": blocks,
+                "checkpoints": [asdict(c) for c in checkpoints],
+                "kept_step": result.kept_step,
                 "warmup_steps": warmup,
                 "schedule": "linear warm-up from 0, then cosine decay",
                 "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
@@ -685,7 +790,16 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (adapter_dir / name).is_file():
             raise FileNotFoundError(f"{adapter_dir / name} not found")
-    load_adapters(model, str(adapter_dir))
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    saved = config.get("reverie", {})
+    if saved.get("placement", "last") != "last":  # mlx-lm knows only the last blocks
+        known = {k: saved[k] for k in ("rank", "scale", "dropout", "num_layers", "keys",
+                                       "placement") if k in saved}
+        model.freeze()
+        add_lora(model, LoraArgs(**known))
+        model.load_weights(str(adapter_dir / ADAPTER_WEIGHTS), strict=False)
+    else:
+        load_adapters(model, str(adapter_dir))
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -108,7 +108,7 @@ class Day:
         identity = load_identity(s.identity_file or s.paths.identity)
         return ChatSession(
             self.chat_model(), load_prompt("chat", CHAT_VARIABLES, s.prompts.dir),
-            load_prompt("compact", COMPACT_VARIABLES, s.prompts.dir), identity.text(),
+            load_prompt("compact", COMPACT_VARIABLES, s.prompts.dir), identity.system_prompt(),
             DayLog(s.paths.days), self.user_id, s.wake, retriever=self.retriever(),
             rag=s.wake.rag if rag is None else rag, count_tokens=self.count_tokens,
             sleep=self.sleep,

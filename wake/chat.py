@@ -32,9 +32,9 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from memory.daylog import DayLog
 from memory.records import Message, Session, new_id, now
+from prompts import CHAT_VARIABLES, ChatFrame  # noqa: F401  (CHAT_VARIABLES re-exported)
 from wake.retrieval import context_block
 
-CHAT_VARIABLES = frozenset({"identity", "memories", "summary", "message"})
 COMPACT_VARIABLES = frozenset({"summary", "conversation"})
 COMMANDS = {
     "/sleep": "run the night now, then go on with the new model version",
@@ -82,7 +82,7 @@ class ChatSession:
         model: a langchain-core chat model (the active model version, or any other).
         prompt: the chat prompt (``prompts/chat.yaml``: variables :data:`CHAT_VARIABLES`).
         compact_prompt: the summary prompt (``prompts/compact.yaml``).
-        identity_text: who the assistant is (``Identity.text()``).
+        identity_text: who the assistant is (``Identity.system_prompt()``).
         daylog: where turns are logged.
         user_id: whose conversation this is (on the session and every retrieval).
         cfg: the ``wake`` config (context_tokens, compact_at, keep_turns, auto_sleep_turns,
@@ -101,6 +101,7 @@ class ChatSession:
                  sleep: SleepFn | None = None,
                  status_info: Callable[[], dict[str, Any]] | None = None):
         self.model, self.prompt, self.compact_prompt = model, prompt, compact_prompt
+        self.frame = ChatFrame(prompt, identity_text)  # the gate and training use the same
         self.identity_text, self.daylog, self.user_id, self.cfg = identity_text, daylog, user_id, cfg
         self.retriever, self.rag = retriever, rag
         self.count_tokens = count_tokens or approx_tokens
@@ -120,8 +121,7 @@ class ChatSession:
         block = context_block(docs)
         memories = (f"\n\nWhat you remember about the user:\n{block}" if block else "")
         summary = f"\n\nEarlier in this conversation: {self.summary}" if self.summary else ""
-        rendered = self.prompt.format_messages(identity=self.identity_text, memories=memories,
-                                               summary=summary, message=text)
+        rendered = self.frame.render(text, memories=memories, summary=summary)
         return rendered[:-1] + self.history + rendered[-1:]
 
     def context_used(self, pending: str = "") -> int:

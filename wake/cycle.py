@@ -28,7 +28,8 @@ from wake.evaluate import EvalReport, compare, load_items, memory_items, run_eva
 def evaluate(settings: Settings, runtime, user_id: str | None,
              tag: str = "") -> tuple[EvalReport, Path]:
     """Run the shipped capability items and the user's memory recall on the ``wake.role``
-    model (temperature 0, ``wake.eval_max_tokens``); save the report in ``paths.evals``.
+    model (temperature 0, ``wake.eval_max_tokens``), each asked in the chat's prompt; save
+    the report in ``paths.evals``.
     Returns ``(report, path)``."""
     model = runtime.chat_model(settings.wake.role, temperature=0.0,
                                max_tokens=settings.wake.eval_max_tokens)
@@ -36,8 +37,10 @@ def evaluate(settings: Settings, runtime, user_id: str | None,
     if user_id:
         with MemoryStore(settings.paths.memories_db) as store:
             items += memory_items(store, user_id, settings.forge.phrasings)
+    from training.forge import chat_frame
+
     report = run_eval(model, items, tag=tag, user_id=user_id,
-                      max_concurrency=settings.night.max_concurrency)
+                      max_concurrency=settings.night.max_concurrency, frame=chat_frame(settings))
     return report, save_report(report, settings.paths.evals)
 
 

@@ -2,8 +2,9 @@
 
 Shipped items (``wake/data/eval_items.jsonl``) cover seven categories (math, reasoning,
 factual, format, summarization, style, context), 8 items each; :func:`memory_items` adds
-recall of a user's learned facts. Each item is asked once, as a single user message with no
-system prompt and no retrieval, and scored by a deterministic check (no judge model), so a
+recall of a user's learned facts. Each item is asked once, the way the day chat asks it
+(its system prompt and template, a :class:`prompts.ChatFrame`) but with no memories and no
+retrieval, and scored by a deterministic check (no judge model), so a
 report taken before a night and one taken after can be compared (:func:`compare`).
 
 Scoring is deliberately literal: a check says what a right answer must contain or look like,
@@ -418,7 +419,7 @@ def _categories(results: list[ItemResult], with_memory: bool) -> dict[str, Categ
 
 async def arun_eval(model, items: list[EvalItem], *, tag: str = "",
                     user_id: Optional[str] = None, max_concurrency: int = 8,
-                    model_name: Optional[str] = None) -> EvalReport:
+                    model_name: Optional[str] = None, frame: Any = None) -> EvalReport:
     """Ask every item closed-book and score the answers.
 
     Args:
@@ -429,6 +430,8 @@ async def arun_eval(model, items: list[EvalItem], *, tag: str = "",
         user_id: whose memory items these are (recorded only).
         max_concurrency: calls in flight at once (``abatch``'s config).
         model_name: named in the report; default from the model's identifying params.
+        frame: the chat's :class:`prompts.ChatFrame` each item is asked in (None: a bare
+            user message).
 
     Returns:
         the report; its categories are the seven in fixed order, then ``memory`` if any
@@ -438,7 +441,8 @@ async def arun_eval(model, items: list[EvalItem], *, tag: str = "",
         whatever the model raises (one failed call fails the run: a partial report would
         compare wrongly with a whole one).
     """
-    prompts = [[HumanMessage(content=i.prompt)] for i in items]
+    prompts = [frame.render(i.prompt) if frame is not None else [HumanMessage(content=i.prompt)]
+               for i in items]
     started = time.perf_counter()
     replies = await model.abatch(prompts, config={"max_concurrency": max_concurrency}) \
         if prompts else []
