@@ -112,11 +112,12 @@ class ChatFrame:
                                                  summary=summary, message=message)
         return [m for m in rendered if not (m.type == "system" and not str(m.content).strip())]
 
-    def messages(self, question: str) -> list[dict[str, str]]:
-        """``[{"role", "content"}]`` of one closed-book turn, for a tokenizer's chat template."""
+    def messages(self, question: str, remembered: Sequence[str] = ()) -> list[dict[str, str]]:
+        """``[{"role", "content"}]`` of one turn, for a tokenizer's chat template: closed
+        book, or with ``remembered`` lines in the system prompt as retrieval puts them."""
         from reverie.runtime.chat_model import to_chat_messages
 
-        return to_chat_messages(self.render(question))
+        return to_chat_messages(self.render(question, memories=memories_section(remembered)))
 
     def row(self, question: str, answer: str, **extra) -> dict:
         """A training row: the framed question, then ``answer`` as the assistant turn."""
@@ -130,6 +131,12 @@ class ChatFrame:
             turns = row["messages"]
             out.append({**row, "messages": self.messages(turns[-2]["content"]) + turns[-1:]})
         return out
+
+
+def memories_section(lines: Sequence[str]) -> str:
+    """The system prompt's memories part, as the chat writes it ("" for none)."""
+    block = "\n".join(f"- {line}" for line in lines)
+    return f"\n\nWhat you remember about the user:\n{block}" if block else ""
 
 
 def load_chat_frame(identity: str, override_dir: Path | None = None) -> ChatFrame:

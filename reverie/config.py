@@ -109,6 +109,8 @@ class ForgeConfig(_Strict):
     placement: Literal["last", "middle"] = "last"
     lora_keys: list[str] | None = None
     kl_weight: float = Field(1.0, ge=0.0)
+    context_weight: float = Field(0.0, ge=0.0)
+    self_targets: bool = False
     learning_rate: float = Field(1e-4, gt=0.0)
     warmup: int = Field(10, ge=0)
     batch_size: int = Field(4, ge=1)

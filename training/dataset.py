@@ -79,7 +79,11 @@ def memory_rows(memory: Memory, n: int, frame=None) -> tuple[list[dict], str | N
     chat's :class:`prompts.ChatFrame` the questions are asked in (None: a bare user turn)."""
     if memory.kind == "fact":
         train, held = phrasings_for(memory, n)
-        return [_row(q, memory.answer, "fact", memory.id, frame) for q in train], held
+        rows = [_row(q, memory.answer, "fact", memory.id, frame) for q in train]
+        if frame is not None:  # the in-context teacher's prompt (LoraArgs.context_weight)
+            for row, q in zip(rows, train):
+                row["teacher"] = frame.messages(q, remembered=[memory.statement()])
+        return rows, held
     return [_row("What should you remember about me?", memory.text, memory.kind, memory.id,
                  frame)], None
 

@@ -48,7 +48,8 @@ def lora_args(cfg) -> LoraArgs:
                     learning_rate=cfg.learning_rate, warmup=cfg.warmup, batch_size=cfg.batch_size,
                     epochs=cfg.epochs, min_iters=cfg.min_iters, max_iters=cfg.max_iters,
                     max_seq_length=cfg.max_seq_length, seed=cfg.seed, kl_weight=cfg.kl_weight,
-                    keys=cfg.lora_keys, placement=cfg.placement, select_every=cfg.select_every)
+                    keys=cfg.lora_keys, placement=cfg.placement, select_every=cfg.select_every,
+                    context_weight=cfg.context_weight)
 
 
 def chat_frame(settings: Settings) -> ChatFrame:
@@ -110,6 +111,33 @@ def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128,
             if a.strip() and len(tokenizer.encode(a, add_special_tokens=False)) < max_tokens - 1]
 
 
+def self_targets(model, tokenizer, rows: list[dict], max_tokens: int = 48) -> tuple[list[dict], int]:
+    """Rows whose fact answer is replaced by the model's own greedy answer given the fact
+    in its prompt (the row's ``"teacher"`` messages), where that answer states the written
+    one (:func:`training.gate.matches`) and was not cut off; other rows are kept as they
+    are. Returns ``(rows, replaced)``: targets in the model's own words, which move its
+    weights less than someone else's (self-distillation: SDFT, arXiv 2601.19897)."""
+    from mlx_lm.generate import batch_generate
+
+    todo = [i for i, r in enumerate(rows) if r.get("kind") == "fact" and r.get("teacher")]
+    if not todo:
+        return list(rows), 0
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        rows[i]["teacher"], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+        for i in todo]
+    texts = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts
+    out, replaced = list(rows), 0
+    for i, text in zip(todo, texts):
+        written = rows[i]["messages"][-1]["content"]
+        text = text.strip()
+        cut = len(tokenizer.encode(text, add_special_tokens=False)) >= max_tokens - 1
+        if text and not cut and gate.matches(text, written):
+            out[i] = {**rows[i], "messages": rows[i]["messages"][:-1] +
+                      [{"role": "assistant", "content": text}], "written": written}
+            replaced += 1
+    return out, replaced
+
+
 def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
           progress: Callable[[int, int, float, float], None] | None = None) -> ForgeOutcome:
     """Train on tonight's memories and promote the result if the gate passes.
@@ -137,6 +165,8 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
     rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg),
                                frame=frame)
     ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed, frame)
+    if cfg.self_targets:
+        ts.rows, ts.counts["self_targets"] = self_targets(model, tokenizer, ts.rows)
     outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
     probe, general = gate.probe_items("gate"), gate.general_rows()
     pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)

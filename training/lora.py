@@ -99,6 +99,16 @@ class LoraArgs:
             ``"middle"`` (centred on the middle of the stack, where factual associations
             are stored in the MLPs: Meng et al. 2022, "Locating and Editing Factual
             Associations in GPT", ROME).
+        context_weight: above 0, rows that carry ``"teacher"`` messages (a fact's question
+            with the fact in the system prompt, as retrieval would put it) add this weight
+            times KL(teacher || student) per answer token to their cross-entropy, where the
+            teacher is the frozen model reading the fact in context: the student learns the
+            whole next-token distribution the model has when it knows the fact, not only the
+            written tokens. Self-distillation from an in-context teacher, as in SDFT
+            (Shenfeld et al. 2026, arXiv 2601.19897), here offline: the teacher scores the
+            target tokens once, before training, not the student's own samples.
+        teacher_top_k: the teacher's distribution is kept as its ``k`` most likely tokens per
+            position (renormalised), so a night's teacher fits in memory.
         select_every: above 0, every this many steps (rounded up to a multiple of
             ``report_every``) and at the end, the ``select`` function given to
             :func:`train_adapter` scores the model and the best checkpoint is restored at
@@ -125,6 +135,8 @@ class LoraArgs:
     keys: list[str] | None = None
     placement: str = "last"
     select_every: int = 0
+    context_weight: float = 0.0
+    teacher_top_k: int = 32
 
     def lora_parameters(self) -> dict:
         """mlx-lm's ``lora_parameters`` block: ``{"rank", "scale", "dropout"}`` (+ ``keys``)."""
@@ -325,6 +337,46 @@ def _encode(tokenizer, rows: Iterable[Any], max_seq_length: int):
     return out
 
 
+@dataclass
+class TeacherTable:
+    """The in-context teacher's top-k next-token log-probabilities on each row's answer
+    tokens: ``index`` and ``logprob`` ``[rows, L, k]``, ``length`` ``[rows]`` (answer tokens
+    scored per row, at most ``L``). Row 0 is an empty row for rows without a teacher."""
+
+    index: mx.array
+    logprob: mx.array
+    length: mx.array
+
+
+def teacher_table(model: nn.Module, tokenizer, rows: Sequence[Any],
+                  pairs: Sequence[tuple[list[int], int]], top_k: int = 32) -> tuple[TeacherTable, list[int]]:
+    """Score each row's answer tokens with the model reading the row's ``"teacher"``
+    messages (its prompt; the answer tokens are the row's own), before any training.
+
+    Returns the table and, per row, its index in the table (0: no teacher)."""
+    entries, slots = [], []
+    for row, (ids, off) in zip(rows, pairs):
+        teacher = row.get("teacher") if isinstance(row, dict) else None
+        if not teacher:
+            slots.append(0)
+            continue
+        prompt = tokenizer.apply_chat_template(teacher, tokenize=False, add_generation_prompt=True)
+        t_ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        answer = list(ids[off:])
+        logits = model(mx.array([t_ids + answer[:-1]]))[0, len(t_ids) - 1:].astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        idx = mx.argpartition(-logp, kth=top_k - 1, axis=-1)[:, :top_k]
+        entries.append((np.array(idx), np.array(mx.take_along_axis(logp, idx, axis=-1))))
+        slots.append(len(entries))
+    width = max([len(i) for i, _ in entries] or [1])
+    index = np.zeros((len(entries) + 1, width, top_k), np.int32)
+    logprob = np.full((len(entries) + 1, width, top_k), -1e9, np.float32)
+    length = np.zeros((len(entries) + 1,), np.int32)
+    for n, (i, lp) in enumerate(entries, start=1):
+        index[n, :len(i)], logprob[n, :len(i)], length[n] = i, lp, len(i)
+    return TeacherTable(mx.array(index), mx.array(logprob), mx.array(length)), slots
+
+
 def iterate_batches(dataset: Sequence[tuple[Sequence[int], int]], batch_size: int,
                     max_seq_length: int, loop: bool = False, seed: int | None = None,
                     comm_group=None):
@@ -338,13 +390,16 @@ def iterate_batches(dataset: Sequence[tuple[Sequence[int], int]], batch_size: in
     ``loop=False`` (validation) each example is used once in order and the last batch may be
     smaller.
 
-    Dataset items are ``(ids, offset)`` or ``(ids, offset, distil)``; ``distil`` (0 or 1)
-    marks rows trained toward the base model's outputs (:func:`distil_loss`).
+    Dataset items are ``(ids, offset)``, ``(ids, offset, distil)`` or ``(ids, offset,
+    distil, teacher)``; ``distil`` (0 or 1) marks rows trained toward the base model's
+    outputs, ``teacher`` is the row's slot in a :class:`TeacherTable` (0: none); see
+    :func:`distil_loss`.
 
     Yields:
         ``(batch, lengths)``: ``batch`` int32 ``[B, T]`` zero-padded with
         ``T = min(1 + 32 * ceil(max_len / 32), max_seq_length)`` (mlx-lm's padding rule, which
-        bounds recompiles), ``lengths`` int32 ``[B, 3]`` holding ``(offset, length, distil)``
+        bounds recompiles), ``lengths`` int32 ``[B, 4]`` holding ``(offset, length, distil,
+        teacher)``
         per row.
 
     Raises:
@@ -363,8 +418,8 @@ def iterate_batches(dataset: Sequence[tuple[Sequence[int], int]], batch_size: in
         arr = np.zeros((len(rows), width), np.int32)
         for r, (row, length) in enumerate(zip(rows, lengths)):
             arr[r, :length] = row[0][:length]
-        meta = [(int(row[1]), length, int(row[2]) if len(row) > 2 else 0)
-                for row, length in zip(rows, lengths)]
+        meta = [(int(row[1]), length, int(row[2]) if len(row) > 2 else 0,
+                 int(row[3]) if len(row) > 3 else 0) for row, length in zip(rows, lengths)]
         return mx.array(arr), mx.array(np.array(meta, np.int32))
 
     if not loop:
@@ -436,7 +491,8 @@ def base_outputs(model: nn.Module):
             m.scale = scale
 
 
-def distil_loss(kl_weight: float) -> Callable:
+def distil_loss(kl_weight: float, context_weight: float = 0.0,
+                teacher: TeacherTable | None = None) -> Callable:
     """A loss for mlx-lm's trainer that mixes cross-entropy and distillation per row.
 
     Rows with ``distil = 0`` (the third column of ``lengths``) get cross-entropy on their
@@ -448,6 +504,11 @@ def distil_loss(kl_weight: float) -> Callable:
     Sources: knowledge distillation (Hinton, Vinyals & Dean 2015), applied against
     forgetting as in "Learning without Forgetting" (Li & Hoiem 2016).
 
+    With ``teacher`` (a :class:`TeacherTable`) and ``context_weight`` above 0, rows with a
+    teacher slot (the fourth column of ``lengths``) add ``context_weight * KL(p_teacher ||
+    p_model)`` on each answer token to their cross-entropy, the teacher's top-k renormalised
+    (self-distillation from the model with the fact in context, ``LoraArgs.context_weight``).
+
     Returns:
         ``loss(model, batch, lengths) -> (loss, ntoks)``: the mean over all answer tokens
         (nats), and their count.
@@ -455,25 +516,47 @@ def distil_loss(kl_weight: float) -> Callable:
     Raises:
         ValueError: ``kl_weight`` is negative.
     """
-    if kl_weight < 0:
-        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+    if kl_weight < 0 or context_weight < 0:
+        raise ValueError(f"kl_weight and context_weight must be >= 0, got {kl_weight}, "
+                         f"{context_weight}")
+    use_teacher = teacher is not None and context_weight > 0
 
     def loss(model: nn.Module, batch: mx.array, lengths: mx.array):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs).astype(mx.float32)
-        with base_outputs(model):
-            base = mx.stop_gradient(model(inputs).astype(mx.float32))
         mask = _answer_mask(targets.shape[1], lengths)
         log_p = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         ce = -mx.take_along_axis(log_p, targets[..., None], axis=-1).squeeze(-1)
-        log_q = base - mx.logsumexp(base, axis=-1, keepdims=True)
-        kl = (mx.exp(log_q) * (log_q - log_p)).sum(axis=-1)
-        distil = lengths[:, 2:3] > 0 if lengths.shape[1] > 2 else mx.zeros_like(mask)
-        per_token = mx.where(distil, kl_weight * kl, ce) * mask
+        per_token = ce
+        if kl_weight > 0:
+            with base_outputs(model):
+                base = mx.stop_gradient(model(inputs).astype(mx.float32))
+            log_q = base - mx.logsumexp(base, axis=-1, keepdims=True)
+            kl = (mx.exp(log_q) * (log_q - log_p)).sum(axis=-1)
+            distil = lengths[:, 2:3] > 0 if lengths.shape[1] > 2 else mx.zeros_like(mask)
+            per_token = mx.where(distil, kl_weight * kl, ce)
+        total = (per_token * mask).sum()
+        if use_teacher and lengths.shape[1] > 3:
+            total = total + context_weight * _context_kl(log_p, lengths, teacher)
         ntoks = mask.sum()
-        return per_token.sum() / mx.maximum(ntoks, 1).astype(mx.float32), ntoks
+        return total / mx.maximum(ntoks, 1).astype(mx.float32), ntoks
 
     return loss
+
+
+def _context_kl(log_p: mx.array, lengths: mx.array, teacher: TeacherTable) -> mx.array:
+    """Sum over the batch's answer tokens of KL(teacher top-k || model) (see distil_loss)."""
+    slot = lengths[:, 3]
+    t_idx, t_lp, t_len = teacher.index[slot], teacher.logprob[slot], teacher.length[slot]
+    width = t_idx.shape[1]
+    # answer token j of a row is predicted at position offset - 1 + j
+    pos = mx.clip(lengths[:, 0:1] - 1 + mx.arange(width)[None, :], 0, log_p.shape[1] - 1)
+    rows = mx.arange(log_p.shape[0])[:, None]
+    student = mx.take_along_axis(log_p[rows, pos], t_idx, axis=-1)     # [B, L, k]
+    t_lp = t_lp - mx.logsumexp(t_lp, axis=-1, keepdims=True)
+    kl = (mx.exp(t_lp) * (t_lp - student)).sum(axis=-1)                 # [B, L]
+    valid = mx.arange(width)[None, :] < t_len[:, None]
+    return mx.where(valid, kl, 0.0).sum()
 
 
 def iterations(n_examples: int, batch_size: int, epochs: float,
@@ -627,8 +710,13 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
     started, tic = _now(), time.perf_counter()
 
     distil = args.kl_weight > 0
-    train_set = [(ids, off, int(distil and isinstance(row, dict) and row.get("kind") == "rehearsal"))
-                 for (ids, off), row in _encode(tokenizer, train_rows, args.max_seq_length)]
+    encoded = _encode(tokenizer, train_rows, args.max_seq_length)
+    teacher, slots = None, [0] * len(encoded)
+    if args.context_weight > 0:  # scored by the model as it is now, before any LoRA
+        teacher, slots = teacher_table(model, tokenizer, [row for _, row in encoded],
+                                       [pair for pair, _ in encoded], args.teacher_top_k)
+    train_set = [(ids, off, int(distil and isinstance(row, dict) and row.get("kind") == "rehearsal"),
+                  slot) for ((ids, off), row), slot in zip(encoded, slots)]
     val_set = encode_examples(tokenizer, val_rows, args.max_seq_length)
     if not train_set:
         raise ValueError("no usable training example")
@@ -704,7 +792,8 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
         )
         with _quiet_trainer() if quiet else contextlib.nullcontext():
             train(model, optimizer, train_set, None, args=training_args,
-                  loss=distil_loss(args.kl_weight) if distil else masked_loss,
+                  loss=distil_loss(args.kl_weight, args.context_weight, teacher)
+                  if distil or teacher is not None else masked_loss,
                   iterate_batches=batches, training_callback=Callback())
         if every and (not checkpoints or checkpoints[-1].step != iters):
             score(iters)
@@ -738,6 +827,7 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
                          "KL(base || adapted) (training.lora.distil_loss)") if distil else
                         "cross-entropy on answer tokens only (training.lora.masked_loss)",
                 "n_distil_examples": sum(row[2] for row in train_set),
+                "n_teacher_examples": sum(1 for row in train_set if row[3]),
                 "n_rows": len(train_rows),
                 "n_examples": len(train_set),
                 "n_val_rows": len(val_rows),

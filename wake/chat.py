@@ -32,8 +32,7 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from memory.daylog import DayLog
 from memory.records import Message, Session, new_id, now
-from prompts import CHAT_VARIABLES, ChatFrame  # noqa: F401  (CHAT_VARIABLES re-exported)
-from wake.retrieval import context_block
+from prompts import CHAT_VARIABLES, ChatFrame, memories_section  # noqa: F401  (re-exported)
 
 COMPACT_VARIABLES = frozenset({"summary", "conversation"})
 COMMANDS = {
@@ -118,8 +117,7 @@ class ChatSession:
     def messages_for(self, text: str, docs: list[Document]) -> list[BaseMessage]:
         """The prompt of one turn: system (identity, memories, summary), the turns kept in
         the context, the new user turn."""
-        block = context_block(docs)
-        memories = (f"\n\nWhat you remember about the user:\n{block}" if block else "")
+        memories = memories_section([d.page_content for d in docs])
         summary = f"\n\nEarlier in this conversation: {self.summary}" if self.summary else ""
         rendered = self.frame.render(text, memories=memories, summary=summary)
         return rendered[:-1] + self.history + rendered[-1:]

@@ -92,8 +92,3 @@ def open_retriever(settings, embedder, user_id: str) -> MemoryRetriever:
     return MemoryRetriever(user_id=user_id, store=MemoryStore(settings.paths.memories_db),
                            index=MemoryIndex(client, ef), facts=FactStore(client, ef),
                            k=settings.wake.rag_k, max_distance=settings.wake.rag_max_distance)
-
-
-def context_block(docs: list[Document]) -> str:
-    """Retrieved documents as lines for the system prompt ("" when there are none)."""
-    return "\n".join(f"- {d.page_content}" for d in docs)
