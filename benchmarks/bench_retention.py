@@ -46,6 +46,13 @@ SETTINGS: dict[str, dict] = {
                            "self_attn.o_proj"], "select_every": 25},
     "rank4": {"rank": 4, "select_every": 25},
     "nokl": {"kl_weight": 0.0, "select_every": 25},
+    "context": {"context_weight": 1.0, "select_every": 25},
+    "self": {"self_targets": True, "select_every": 25},
+    "self+context": {"self_targets": True, "context_weight": 1.0, "select_every": 25},
+    # 100 steps, scored every 25: the trajectory at a third of the cost
+    "short-middle": {"placement": "middle", "max_iters": 100, "select_every": 25},
+    "short-context": {"context_weight": 1.0, "max_iters": 100, "select_every": 25},
+    "short-id5": {"identity_share": 0.05, "max_iters": 100, "select_every": 25},
     # mechanics only (seconds of training), not a result
     "smoke": {"max_iters": 5, "min_iters": 1, "epochs": 0.01, "select_every": 5},
 }
@@ -122,6 +129,8 @@ def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
     rehearsal = forge.rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_rows, cfg),
                                      frame=frame)
     ts = dataset.build(tonight, [], identity.core, rehearsal, cfg, cfg.seed, frame)
+    if cfg.self_targets:
+        ts.rows, ts.counts["self_targets"] = forge.self_targets(model, tokenizer, ts.rows)
     probe, general = gate.probe_items("gate"), gate.general_rows()
     if "pre" not in base_cache:  # the same base for every setting
         base_cache["pre"] = gate.evaluate(model, tokenizer, ts.new_items, [], probe, general, frame)
