@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from datetime import date
@@ -31,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 FACTS = ROOT / "benchmarks" / "data" / "facts20.jsonl"
 
@@ -58,14 +58,7 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench_extraction import cpu_model  # noqa: E402
 
 
 def facts() -> list:
@@ -107,7 +100,7 @@ def chat_path(settings) -> None:
         t0 = time.perf_counter()
         share, _ = gate.recall(model, tokenizer, pool, f)
         rows.append((name, round(share * len(pool)), len(pool), time.perf_counter() - t0))
-    head = (f"## Chat path vs bare template, {source}, {date.today()}, {processor()}\n\n"
+    head = (f"## Chat path vs bare template, {source}, {date.today()}, {cpu_model()}\n\n"
             "| prompt | right | of | s |\n|---|---|---|---|\n")
     table = head + "".join(f"| {n} | {r} | {t} | {s:.0f} |\n" for n, r, t, s in rows)
     print(table)
@@ -151,7 +144,7 @@ def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
     post = gate.evaluate(model, tokenizer, ts.new_items, [], probe, general, frame)
     promote, reasons = gate.decide(pre, post, cfg)
     row = {"setting": name, "overrides": overrides, "model": source, "date": str(date.today()),
-           "processor": processor(), "rows": ts.counts, "iterations": result.iterations,
+           "processor": cpu_model(), "rows": ts.counts, "iterations": result.iterations,
            "kept_step": result.kept_step,
            "checkpoints": [{"step": c.step, "recall": c.recall, "holds": c.holds,
                             **c.figures} for c in result.checkpoints],
@@ -159,7 +152,10 @@ def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
            "probe_pre": pre.capability, "probe_post": post.capability,
            "probe_total": post.capability_total,
            "loss_pre": pre.heldout_loss, "loss_post": post.heldout_loss,
-           "promote": promote, "reasons": reasons, "train_s": round(train_s, 1),
+           "promote": promote, "reasons": reasons,
+           "probe_lost": [{"question": a["question"], "output": b["output"]}
+                          for a, b in zip(pre.details["probe"], post.details["probe"])
+                          if a["correct"] and not b["correct"]], "train_s": round(train_s, 1),
            "total_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps({k: row[k] for k in ("setting", "recall", "probe_post", "probe_total",
                                           "loss_post", "kept_step", "iterations", "promote",
