@@ -53,6 +53,7 @@ SETTINGS: dict[str, dict] = {
     "short-middle": {"placement": "middle", "max_iters": 100, "select_every": 25},
     "short-context": {"context_weight": 1.0, "max_iters": 100, "select_every": 25},
     "short-id5": {"identity_share": 0.05, "max_iters": 100, "select_every": 25},
+    "short-self": {"self_targets": True, "max_iters": 100, "select_every": 25},
     # mechanics only (seconds of training), not a result
     "smoke": {"max_iters": 5, "min_iters": 1, "epochs": 0.01, "select_every": 5},
 }
