@@ -110,40 +110,21 @@ def chat_path(settings) -> None:
 
 
 def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
-    from training import dataset, forge, gate
-    from training.lora import train_adapter
-    from training.versions import fuse
+    from training import forge
 
     cfg = settings.forge.model_copy(update=overrides)
     t0 = time.perf_counter()
     model, tokenizer, source = load(settings)
     frame, identity = frame_and_identity()
-    tonight = facts()
-    n_rows = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
-    rehearsal = forge.rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_rows, cfg),
-                                     frame=frame)
-    ts = dataset.build(tonight, [], identity.core, rehearsal, cfg, cfg.seed, frame)
-    if cfg.self_targets:
-        ts.rows, ts.counts["self_targets"] = forge.self_targets(model, tokenizer, ts.rows)
-    probe, general = gate.probe_items("gate"), gate.general_rows()
-    if "pre" not in base_cache:  # the same base for every setting
-        base_cache["pre"] = gate.evaluate(model, tokenizer, ts.new_items, [], probe, general, frame)
-    pre = base_cache["pre"]
-    select = None
-    if cfg.select_every:
-        dev_probe = gate.probe_items("dev")
-        if "dev" not in base_cache:
-            base_cache["dev"] = round(gate.recall(model, tokenizer, dev_probe, frame)[0] * len(dev_probe))
-        select = forge.dev_selector(tokenizer, ts.dev_items, dev_probe, cfg.max_capability_loss,
-                                    frame, base_cache["dev"])
-    t_train = time.perf_counter()
-    result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]),
-                           forge.lora_args(cfg), ROOT / "data" / "bench-adapters" / name,
-                           overwrite=True, select=select)
-    train_s = time.perf_counter() - t_train
-    fuse(model)
-    post = gate.evaluate(model, tokenizer, ts.new_items, [], probe, general, frame)
-    promote, reasons = gate.decide(pre, post, cfg)
+    # every setting starts from the same base: its gate report and dev count are reused
+    trial = forge.train_and_gate(model, tokenizer, facts(), [], identity.core, cfg, frame,
+                                 ROOT / "data" / "bench-adapters" / name,
+                                 pre=base_cache.get("pre"), dev_base=base_cache.get("dev"))
+    base_cache["pre"] = trial.pre
+    if trial.dev_base is not None:
+        base_cache["dev"] = trial.dev_base
+    ts, pre, post, result = trial.training_set, trial.pre, trial.post, trial.result
+    promote, reasons = trial.promote, trial.reasons
     row = {"setting": name, "overrides": overrides, "model": source, "date": str(date.today()),
            "processor": cpu_model(), "rows": ts.counts, "iterations": result.iterations,
            "kept_step": result.kept_step,
@@ -156,7 +137,8 @@ def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
            "promote": promote, "reasons": reasons,
            "probe_lost": [{"question": a["question"], "output": b["output"]}
                           for a, b in zip(pre.details["probe"], post.details["probe"])
-                          if a["correct"] and not b["correct"]], "train_s": round(train_s, 1),
+                          if a["correct"] and not b["correct"]],
+           "train_s": round(result.seconds, 1),
            "total_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps({k: row[k] for k in ("setting", "recall", "probe_post", "probe_total",
                                           "loss_post", "kept_step", "iterations", "promote",

@@ -119,11 +119,6 @@ class ChatFrame:
 
         return to_chat_messages(self.render(question, memories=memories_section(remembered)))
 
-    def row(self, question: str, answer: str, **extra) -> dict:
-        """A training row: the framed question, then ``answer`` as the assistant turn."""
-        return {"messages": self.messages(question) + [{"role": "assistant", "content": answer}],
-                **extra}
-
     def reframe(self, rows: Sequence[dict]) -> list[dict]:
         """Chat rows (``{"messages": [user, assistant]}``) with their user turn framed."""
         out = []
@@ -131,6 +126,12 @@ class ChatFrame:
             turns = row["messages"]
             out.append({**row, "messages": self.messages(turns[-2]["content"]) + turns[-1:]})
         return out
+
+
+def question_turns(question: str, frame: ChatFrame | None = None) -> list[dict[str, str]]:
+    """``[{"role", "content"}]`` of a closed-book question: framed as the chat frames it, or
+    with ``frame`` None a bare user turn (the chat template's own default system prompt)."""
+    return frame.messages(question) if frame is not None else [{"role": "user", "content": question}]
 
 
 def memories_section(lines: Sequence[str]) -> str:

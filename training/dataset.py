@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 
 from memory.records import IdentityItem, Memory
+from prompts import question_turns
 
 TEMPLATES = ["Quick question: {q}", "{q} Answer briefly.", "Do you remember? {q}",
              "Tell me again: {q}", "I forgot, {q_lower}", "Remind me, {q_lower}"]
@@ -66,12 +67,13 @@ def phrasings_for(memory: Memory, n: int) -> tuple[list[str], str]:
     return p.train, p.held_out
 
 
-def _row(question: str, answer: str, kind: str, memory_id: str = "", frame=None) -> dict:
+def chat_row(question: str, answer: str, kind: str, memory_id: str = "", frame=None) -> dict:
+    """A training row ``{"messages": [..., assistant], "kind"[, "memory_id"]}``: the
+    question as :func:`prompts.question_turns` puts it (in ``frame``, or a bare user turn),
+    then ``answer``."""
     extra = {"kind": kind} | ({"memory_id": memory_id} if memory_id else {})
-    if frame is not None:
-        return frame.row(question, answer, **extra)
-    return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}], **extra}
+    return {"messages": question_turns(question, frame) + [{"role": "assistant", "content": answer}],
+            **extra}
 
 
 def memory_rows(memory: Memory, n: int, frame=None) -> tuple[list[dict], str | None]:
@@ -79,12 +81,12 @@ def memory_rows(memory: Memory, n: int, frame=None) -> tuple[list[dict], str | N
     chat's :class:`prompts.ChatFrame` the questions are asked in (None: a bare user turn)."""
     if memory.kind == "fact":
         train, held = phrasings_for(memory, n)
-        rows = [_row(q, memory.answer, "fact", memory.id, frame) for q in train]
+        rows = [chat_row(q, memory.answer, "fact", memory.id, frame) for q in train]
         if frame is not None:  # the in-context teacher's prompt (LoraArgs.context_weight)
             for row, q in zip(rows, train):
                 row["teacher"] = frame.messages(q, remembered=[memory.statement()])
         return rows, held
-    return [_row("What should you remember about me?", memory.text, memory.kind, memory.id,
+    return [chat_row("What should you remember about me?", memory.text, memory.kind, memory.id,
                  frame)], None
 
 
@@ -142,7 +144,7 @@ def build(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityI
                   if m.kind == "fact" and m.status == "learned"]
     n_rehearsal = min(len(rehearsal), rehearsal_count(len(fact_rows), cfg))
     rehearsal_rows = rehearsal[:n_rehearsal]
-    core = [_row(i.question, i.answer, "identity", frame=frame) for i in identity]
+    core = [chat_row(i.question, i.answer, "identity", frame=frame) for i in identity]
     body = len(fact_rows) + len(replay_rows) + len(rehearsal_rows)
     n_identity = round(cfg.identity_share * body / (1 - cfg.identity_share)) if core else 0
     identity_rows = [core[i % len(core)] for i in range(n_identity)]

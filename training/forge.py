@@ -21,7 +21,7 @@ from prompts import ChatFrame, load_chat_frame
 from reverie.config import Settings
 from reverie.runtime import sources
 from training import dataset, gate
-from training.lora import Checkpoint, LoraArgs, train_adapter
+from training.lora import Checkpoint, LoraArgs, TrainResult, train_adapter
 from training.versions import Versions, fuse, save_model_dir
 
 
@@ -65,7 +65,7 @@ def dev_selector(tokenizer, dev_items, dev_probe, max_loss: float, frame: ChatFr
     facts on their dev questions, and the dev probe, which holds when it lost at most
     ``max_loss`` of its questions against ``base_probe`` (the count right before training).
     Only dev questions: the gate's held-out questions and probe are never looked at."""
-    allowed = int(max_loss * len(dev_probe) + 1e-9)
+    allowed = gate.allowed_loss(max_loss, len(dev_probe))
 
     def select(model, step: int) -> Checkpoint:
         recall, _ = gate.recall(model, tokenizer, dev_items, frame)
@@ -105,9 +105,7 @@ def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128,
     them, they would teach the model to stop mid-sentence."""
     prompts = [r["prompt"] for r in gate.load_jsonl(gate.DATA / "rehearsal_prompts.jsonl")][:n]
     answers = gate.answer(model, tokenizer, prompts, max_tokens=max_tokens, frame=frame)
-    return [(frame.row(p, a.strip(), kind="rehearsal") if frame is not None else
-             {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}],
-              "kind": "rehearsal"}) for p, a in zip(prompts, answers)
+    return [dataset.chat_row(p, a.strip(), "rehearsal", frame=frame) for p, a in zip(prompts, answers)
             if a.strip() and len(tokenizer.encode(a, add_special_tokens=False)) < max_tokens - 1]
 
 
@@ -138,6 +136,62 @@ def self_targets(model, tokenizer, rows: list[dict], max_tokens: int = 48) -> tu
     return out, replaced
 
 
+@dataclass
+class Trial:
+    """One training run and its gate: the training set, the gate's reports before and
+    after (``pre``, ``post``), the :class:`~training.lora.TrainResult`, the decision and its
+    reasons, and the dev probe's count right before training (None without selection).
+    The model is left fused with the kept adapter."""
+
+    training_set: dataset.TrainingSet
+    pre: gate.GateReport
+    post: gate.GateReport
+    result: TrainResult
+    promote: bool
+    reasons: list[str]
+    dev_base: int | None = None
+
+
+def train_and_gate(model, tokenizer, tonight, earlier, identity_items, cfg, frame: ChatFrame,
+                   adapter_dir, progress=None, pre: gate.GateReport | None = None,
+                   dev_base: int | None = None) -> Trial:
+    """Rehearsal answers, the training set (framed by ``frame``), the gate before, LoRA
+    (with checkpoint selection when ``cfg.select_every``), fuse, the gate after, decide.
+
+    Args:
+        cfg: the ``forge`` config.
+        adapter_dir: where the adapter is written (replaced if present).
+        pre, dev_base: the gate's report and the dev probe's count on this very model, when
+            the caller already has them (a benchmark trying settings from one base); None:
+            measured here.
+
+    Returns:
+        :class:`Trial`; nothing is promoted here (:func:`learn` does that).
+    """
+    n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
+    rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg),
+                               frame=frame)
+    ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed, frame)
+    if cfg.self_targets:
+        ts.rows, ts.counts["self_targets"] = self_targets(model, tokenizer, ts.rows)
+    probe, general = gate.probe_items("gate"), gate.general_rows()
+    if pre is None:
+        pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
+    select = None
+    if cfg.select_every:
+        dev_probe = gate.probe_items("dev")
+        if dev_base is None:
+            dev_base = round(gate.recall(model, tokenizer, dev_probe, frame)[0] * len(dev_probe))
+        select = dev_selector(tokenizer, ts.dev_items, dev_probe, cfg.max_capability_loss, frame,
+                              dev_base)
+    result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]), lora_args(cfg),
+                           adapter_dir, progress=progress, overwrite=True, select=select)
+    fuse(model)
+    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
+    promote, reasons = gate.decide(pre, post, cfg)
+    return Trial(ts, pre, post, result, promote, reasons, dev_base)
+
+
 def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
           progress: Callable[[int, int, float, float], None] | None = None) -> ForgeOutcome:
     """Train on tonight's memories and promote the result if the gate passes.
@@ -160,29 +214,13 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
     if not tonight:
         return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
-    frame = chat_frame(settings)
-    n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
-    rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg),
-                               frame=frame)
-    ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed, frame)
-    if cfg.self_targets:
-        ts.rows, ts.counts["self_targets"] = self_targets(model, tokenizer, ts.rows)
-    outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
-    probe, general = gate.probe_items("gate"), gate.general_rows()
-    pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
-    select = None
-    if cfg.select_every:
-        dev_probe = gate.probe_items("dev")
-        base_share, _ = gate.recall(model, tokenizer, dev_probe, frame)
-        select = dev_selector(tokenizer, ts.dev_items, dev_probe, cfg.max_capability_loss, frame,
-                              round(base_share * len(dev_probe)))
     name = f"night-{night_id}"
     adapter_dir = settings.paths.adapters / night_id
-    result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]), lora_args(cfg),
-                           adapter_dir, progress=progress, overwrite=True, select=select)
-    fuse(model)
-    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
-    promote, reasons = gate.decide(pre, post, cfg)
+    trial = train_and_gate(model, tokenizer, tonight, earlier, identity_items, cfg,
+                           chat_frame(settings), adapter_dir, progress=progress)
+    ts, pre, post, result, promote, reasons = (trial.training_set, trial.pre, trial.post,
+                                               trial.result, trial.promote, trial.reasons)
+    outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
     outcome.pre, outcome.post, outcome.reasons = pre.figures(), post.figures(), reasons
     outcome.train = {k: v for k, v in asdict(result).items()
                      if k not in ("losses", "learning_rates", "checkpoints")}

@@ -27,6 +27,8 @@ from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 
+from prompts import question_turns
+
 DATA = Path(__file__).resolve().parent / "data"
 _STOP = set("a an the of to in on at is are was were and or for with my your his her their "
             "it its be by as from that this".split())
@@ -65,10 +67,6 @@ def matches(output: str, expected: str) -> bool:
     return all(re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", text) for w in words if w)
 
 
-def _messages(question: str, frame) -> list[dict]:
-    return frame.messages(question) if frame is not None else [{"role": "user", "content": question}]
-
-
 def answer(model, tokenizer, questions: Sequence[str], max_tokens: int = 48,
            frame=None) -> list[str]:
     """Greedy closed-book answers (batched with mlx-lm's ``batch_generate``), each question
@@ -76,7 +74,7 @@ def answer(model, tokenizer, questions: Sequence[str], max_tokens: int = 48,
     from mlx_lm.generate import batch_generate
 
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
-        _messages(q, frame), add_generation_prompt=True, tokenize=False),
+        question_turns(q, frame), add_generation_prompt=True, tokenize=False),
         add_special_tokens=False) for q in questions]
     if not prompts:
         return []
@@ -128,10 +126,6 @@ class GateReport:
     def figures(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "details"}
 
-    @property
-    def capability_share(self) -> float:
-        return self.capability / self.capability_total if self.capability_total else float("nan")
-
 
 def evaluate(model, tokenizer, new_items, regression_items, probe, general,
              frame=None) -> GateReport:
@@ -151,13 +145,19 @@ def evaluate(model, tokenizer, new_items, regression_items, probe, general,
                       {"new": new_d, "regression": old_d, "probe": cap_d})
 
 
+def allowed_loss(share: float, total: int) -> int:
+    """Questions of a ``total``-question probe that may be lost when ``share`` may be
+    (rounded down: 3% of 99 is 2; the epsilon keeps 0.03 * 100 at 3 despite floating point)."""
+    return math.floor(share * total + 1e-9)
+
+
 def decide(pre: GateReport, post: GateReport, cfg) -> tuple[bool, list[str]]:
     """Promote or not, with the reasons. ``cfg`` has ``max_capability_loss`` (share of the
-    gate probe that may be lost: 0.03 of 122 questions allows 3), ``min_regression_keep``
+    gate probe that may be lost, :func:`allowed_loss`: 0.03 of 99 questions allows 2), ``min_regression_keep``
     (share of the pre recall kept), ``max_loss_increase`` (nats) and ``min_new_recall``
     (share)."""
     reasons = []
-    allowed = math.floor(cfg.max_capability_loss * post.capability_total + 1e-9)
+    allowed = allowed_loss(cfg.max_capability_loss, post.capability_total)
     if pre.capability - post.capability > allowed:
         reasons.append(f"capability probe fell {pre.capability} -> {post.capability} of "
                        f"{post.capability_total} (at most {allowed} allowed: "
