@@ -17,8 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from reverie.runtime.structured import json_schema
-from agents.common import AgentCall, call
-from memory.records import Candidate, Message, Session, transcript_of
+from reverie.agents.common import AgentCall, call
+from reverie.memory.records import Candidate, Message, Session, transcript_of
 
 VARIABLES = frozenset({"user_id", "date", "transcript", "max_candidates", "phrasings"})
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from reverie.runtime.structured import json_schema
-from agents.common import AgentCall, call
-from memory.identity import Identity
-from memory.records import Candidate, IdentityItem
+from reverie.agents.common import AgentCall, call
+from reverie.memory.identity import Identity
+from reverie.memory.records import Candidate, IdentityItem
 
 VARIABLES = frozenset({"identity", "memory"})
 

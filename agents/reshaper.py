@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from reverie.runtime.structured import json_schema
-from agents.common import AgentCall, call
-from agents.dreamer import (DreamedMemory, answer_spans, cites_of, clean_phrasings, context,
+from reverie.agents.common import AgentCall, call
+from reverie.agents.dreamer import (DreamedMemory, answer_spans, cites_of, clean_phrasings, context,
                             narrow, note_text, user_turn_ids)
-from agents.verifier import note
-from memory.records import Candidate, Session, transcript_of
+from reverie.agents.verifier import note
+from reverie.memory.records import Candidate, Session, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from memory.facts import FactChunk, chunk_verbatim, is_verbatim
-from memory.records import ForgetRequest, Session
+from reverie.memory.facts import FactChunk, chunk_verbatim, is_verbatim
+from reverie.memory.records import ForgetRequest, Session
 
 # "forget my old number", "please forget about X", "can you forget that I ..."
 _FORGET = re.compile(r"\bforget\b\s+(?:about\s+|that\s+)?(?P<target>[^.!?\n]{3,})", re.IGNORECASE)

@@ -12,9 +12,9 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, Field
 
-from agents.common import AgentCall, call
-from agents.dreamer import context
-from memory.records import Candidate, Scores, Session, transcript_of
+from reverie.agents.common import AgentCall, call
+from reverie.agents.dreamer import context
+from reverie.memory.records import Candidate, Scores, Session, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "cites"})
 

@@ -60,7 +60,7 @@ SCORE_FILE = "extraction_score.json"
 
 def parse_sessions(text: str) -> list[int]:
     """``"1-3"``, ``"1,3"``, ``"2"`` -> sorted session numbers."""
-    from reverie.cli_ingest import parse_session_numbers
+    from reverie.cli.ingest import parse_session_numbers
 
     numbers = parse_session_numbers(text)
     if not numbers:
@@ -208,7 +208,7 @@ def bench_config(config: Path, out_dir: Path, forge: bool) -> Path:
 def _reverie(config: Path, out_dir: Path, *args: str, log: Path) -> tuple[int, float, str]:
     """Run ``reverie --config C --data-dir D ARGS`` (this interpreter's ``reverie.cli``);
     output goes through to ours and to ``log``. Returns (exit code, wall seconds, last line)."""
-    cmd = [sys.executable, "-m", "reverie.cli", "--config", str(config), "--data-dir",
+    cmd = [sys.executable, "-m", "reverie", "--config", str(config), "--data-dir",
            str(out_dir), *args]
     log.parent.mkdir(parents=True, exist_ok=True)
     last = ""
@@ -284,7 +284,7 @@ def run(out_dir: Path, config: Path, sessions: list[int], user: str, locomo: Pat
 
 def kept_memories(data_dir: Path, user: str):
     """The user's current memories that a night kept: verified or learned, not superseded."""
-    from memory.store import MemoryStore
+    from reverie.memory.store import MemoryStore
     from reverie.paths import Paths
 
     db = Paths(data_dir).memories_db
@@ -296,7 +296,7 @@ def kept_memories(data_dir: Path, user: str):
 
 def day_turns(data_dir: Path, user: str) -> dict[tuple[str, str], str]:
     """(session_id, turn_id) -> "role: text" from the data dir's day log."""
-    from memory.daylog import DayLog
+    from reverie.memory.daylog import DayLog
     from reverie.paths import Paths
 
     out = {}

@@ -27,8 +27,8 @@ def base_dir(tmp: Path) -> Path:
     """The default model as an mlx-lm folder (float32), for both trainers."""
     import reverie  # noqa: F401
     from reverie.config import load_settings
-    from training.forge import load_source
-    from training.versions import save_model_dir
+    from reverie.training.forge import load_source
+    from reverie.training.versions import save_model_dir
 
     settings = load_settings(ROOT / "config.yaml")
     model, tokenizer = load_source(settings, settings.models.chat["default"])
@@ -39,7 +39,7 @@ def ours(model_dir: Path, rows: list[dict], iters: int, out: Path) -> float:
     import mlx_lm
 
     import reverie  # noqa: F401
-    from training.lora import LoraArgs, train_adapter
+    from reverie.training.lora import LoraArgs, train_adapter
 
     model, tokenizer = mlx_lm.load(str(model_dir))
     args = LoraArgs(rank=16, scale=20.0, num_layers=4, learning_rate=1e-4, warmup=0,
@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=30)
     args = ap.parse_args()
-    from training.gate import general_rows, load_jsonl, DATA
+    from reverie.training.gate import general_rows, load_jsonl, DATA
 
     rows = general_rows()
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +90,7 @@ def main() -> None:
         f"SmolLM2-135M float32, LoRA rank 16 scale 20 on the last 4 layers, batch 4, "
         f"{args.iters} iterations, answer tokens only, {len(rows)} chat rows; {time.strftime('%Y-%m-%d')}",
         "", "| trainer | answer tokens/s | wall s (incl. load) |", "|---|---|---|",
-        f"| Reverie `training.lora.train_adapter` | {mine:.1f} | {t_mine:.0f} |",
+        f"| Reverie `reverie.training.lora.train_adapter` | {mine:.1f} | {t_mine:.0f} |",
         f"| `python -m mlx_lm lora --mask-prompt` | {ref:.1f} | {t_ref:.0f} |",
         "", f"ratio (Reverie / mlx-lm): {mine / ref:.2f}"])
     print(table)

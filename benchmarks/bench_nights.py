@@ -9,7 +9,7 @@ category 4 single-hop and 2 temporal) whose evidence lies in the slept sessions 
 the user, asked three ways on the model the nights left active: closed book, with
 retrieval (as the chat does), and with the evidence sessions in the prompt (the
 reference). Scored by LoCoMo's token F1 and by "contains every content word of the gold
-answer" (``training.gate.matches``).
+answer" (``reverie.training.gate.matches``).
 
     .venv/bin/python benchmarks/bench_nights.py --run /tmp/nights     # both nights + QA
     .venv/bin/python benchmarks/bench_nights.py --qa /tmp/nights      # QA only, again
@@ -103,10 +103,10 @@ def questions(locomo: Path, user_name: str, sessions: list[int]) -> list[dict]:
 
 def qa(out_dir: Path, config: Path, user: str, locomo: Path) -> dict:
     """Ask the questions three ways on the active version of ``out_dir``."""
-    from prompts import memories_section
+    from reverie.prompts import memories_section
     from reverie.config import load_settings
-    from training.gate import matches
-    from wake.app import Day
+    from reverie.training.gate import matches
+    from reverie.wake.app import Day
 
     cfg = out_dir / "bench-config.yaml"
     settings = load_settings(cfg)

@@ -40,7 +40,7 @@ VETO = [
 
 
 async def review_all(consultant, memories: list[str]) -> list[bool]:
-    from memory.records import Candidate
+    from reverie.memory.records import Candidate
 
     cands = [Candidate(id=f"bench:{i}", night_id="bench", user_id="me", session_id="bench",
                        kind="preference", text=m, status="passed")
@@ -55,10 +55,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="keys of models.chat (default: all)")
     args = parser.parse_args()
 
-    from agents.persona import PersonaConsultant
-    from graphs.run import AGENT_PROMPTS
-    from memory.identity import load_identity
-    from prompts import load_prompt
+    from reverie.agents.persona import PersonaConsultant
+    from reverie.graphs.run import AGENT_PROMPTS
+    from reverie.memory.identity import load_identity
+    from reverie.prompts import load_prompt
     from reverie.config import load_settings
     from reverie.runtime.models import Runtime
 

@@ -1,7 +1,7 @@
 """Memory formation against capability: which forge settings make facts stick and keep the mind.
 
-The night's own forge pieces (``training.dataset.build`` with the chat's frame, the model's
-own rehearsal answers, ``training.lora.train_adapter``, ``fuse``, ``training.gate``) on 20
+The night's own forge pieces (``reverie.training.dataset.build`` with the chat's frame, the model's
+own rehearsal answers, ``reverie.training.lora.train_adapter``, ``fuse``, ``reverie.training.gate``) on 20
 invented facts about a user (``benchmarks/data/facts20.jsonl``: a question, a short answer
 and nine more phrasings each; the gate asks the last, checkpoint selection the next to
 last, training uses the rest), one setting at a time from the same base model. Each row:
@@ -64,7 +64,7 @@ from bench_extraction import cpu_model  # noqa: E402
 
 def facts() -> list:
     """The 20 facts as night memories (short answers, as the dreamer writes them)."""
-    from memory.records import Memory
+    from reverie.memory.records import Memory
 
     rows = [json.loads(line) for line in FACTS.read_text().splitlines() if line.strip()]
     return [Memory(id=f"bench-{i:02d}", user_id="me", kind="fact", text=r["answer"],
@@ -81,8 +81,8 @@ def load(settings):
 
 
 def frame_and_identity():
-    from memory.identity import DEFAULT, load_identity
-    from prompts import load_chat_frame
+    from reverie.memory.identity import DEFAULT, load_identity
+    from reverie.prompts import load_chat_frame
 
     identity = load_identity(DEFAULT)
     return load_chat_frame(identity.system_prompt()), identity
@@ -91,7 +91,7 @@ def frame_and_identity():
 def chat_path(settings) -> None:
     """The shipped probe pool asked bare (the template's own system prompt) and through the
     chat's frame."""
-    from training import gate
+    from reverie.training import gate
 
     model, tokenizer, source = load(settings)
     frame, identity = frame_and_identity()
@@ -110,7 +110,7 @@ def chat_path(settings) -> None:
 
 
 def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
-    from training import forge
+    from reverie.training import forge
 
     cfg = settings.forge.model_copy(update=overrides)
     t0 = time.perf_counter()

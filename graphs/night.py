@@ -33,17 +33,17 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Send
 
-from agents.dreamer import Dreamer, windows
-from agents.persona import PersonaConsultant
-from agents.reshaper import Reshaper
-from agents.router import forget_requests, verbatim_chunks
-from agents.verifier import Verifier
-from memory.daylog import DayLog, atomic_write_text
-from memory.diary import Diary, DiaryStep
-from memory.facts import FactStore, MemoryIndex
-from memory.identity import Identity
-from memory.records import Candidate, ForgetRequest, Memory, ParkedThought, Session, now
-from memory.store import MemoryStore
+from reverie.agents.dreamer import Dreamer, windows
+from reverie.agents.persona import PersonaConsultant
+from reverie.agents.reshaper import Reshaper
+from reverie.agents.router import forget_requests, verbatim_chunks
+from reverie.agents.verifier import Verifier
+from reverie.memory.daylog import DayLog, atomic_write_text
+from reverie.memory.diary import Diary, DiaryStep
+from reverie.memory.facts import FactStore, MemoryIndex
+from reverie.memory.identity import Identity
+from reverie.memory.records import Candidate, ForgetRequest, Memory, ParkedThought, Session, now
+from reverie.memory.store import MemoryStore
 
 
 def merge(old: dict | None, new: dict | None) -> dict:
@@ -83,7 +83,7 @@ class NightDeps:
     similarity: Callable[[str, str], float]
     diary: Diary
     training_dir: Path
-    learner: Optional[Callable[..., Any]] = None  # training.forge.learn, or None: no training
+    learner: Optional[Callable[..., Any]] = None  # reverie.training.forge.learn, or None: no training
 
 
 # -- nodes -----------------------------------------------------------------------------

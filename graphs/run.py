@@ -10,21 +10,21 @@ from typing import Any, Callable, Optional
 import numpy as np
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-from agents.dreamer import Dreamer
-from agents.dreamer import VARIABLES as DREAMER_VARS
-from agents.persona import VARIABLES as PERSONA_VARS
-from agents.persona import PersonaConsultant
-from agents.reshaper import VARIABLES as RESHAPER_VARS
-from agents.reshaper import Reshaper
-from agents.verifier import VARIABLES as VERIFIER_VARS
-from agents.verifier import Verifier
-from graphs.night import NightDeps, build_graph, new_night_id
-from memory.daylog import DayLog
-from memory.diary import Diary, list_nights
-from memory.facts import FactStore, MemoryIndex
-from memory.identity import load_identity
-from memory.store import MemoryStore
-from prompts import load_prompt
+from reverie.agents.dreamer import Dreamer
+from reverie.agents.dreamer import VARIABLES as DREAMER_VARS
+from reverie.agents.persona import VARIABLES as PERSONA_VARS
+from reverie.agents.persona import PersonaConsultant
+from reverie.agents.reshaper import VARIABLES as RESHAPER_VARS
+from reverie.agents.reshaper import Reshaper
+from reverie.agents.verifier import VARIABLES as VERIFIER_VARS
+from reverie.agents.verifier import Verifier
+from reverie.graphs.night import NightDeps, build_graph, new_night_id
+from reverie.memory.daylog import DayLog
+from reverie.memory.diary import Diary, list_nights
+from reverie.memory.facts import FactStore, MemoryIndex
+from reverie.memory.identity import load_identity
+from reverie.memory.store import MemoryStore
+from reverie.prompts import load_prompt
 from reverie.config import Settings
 
 # Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
@@ -96,7 +96,7 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
         user_id: only this user's sessions (default: every user's).
         include_consumed: also sessions an earlier night consumed.
         on_update: called with (node name, its state update) as the graph runs.
-        learner: ``True`` trains with :func:`training.forge.learn` when ``forge.enabled``;
+        learner: ``True`` trains with :func:`reverie.training.forge.learn` when ``forge.enabled``;
             ``None``/``False`` stops at the training set; or a callable taking
             ``(night_id, tonight, earlier, identity_items)`` and returning a ForgeOutcome.
         on_train: ``(step, total, loss, tokens_per_s)`` while the forge trains.
@@ -122,7 +122,7 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
     if learner is True:
         learner = None
         if settings.forge.enabled:
-            from training.forge import learn_in_thread
+            from reverie.training.forge import learn_in_thread
 
             def learner(night, tonight, earlier, items):
                 return learn_in_thread(settings, night, tonight, earlier, items, progress=on_train)

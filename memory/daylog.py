@@ -2,7 +2,7 @@
 
 Layout::
 
-    days/<user_id>/<YYYY-MM-DD>.jsonl   one :class:`~memory.records.Session` per line
+    days/<user_id>/<YYYY-MM-DD>.jsonl   one :class:`~reverie.memory.records.Session` per line
                                         (the date of ``started_at``, else today in UTC)
     days/consumed.jsonl                 one line per session consumed by a night:
                                         {"content_hash", "night_id", "session_id", "user_id", "at"}
@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional
 
 from pydantic import ValidationError
 
-from memory.records import Session, now
+from reverie.memory.records import Session, now
 
 CONSUMED_FILE = "consumed.jsonl"
 _USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 
 from pydantic import BaseModel, Field
 
-from memory.records import now
+from reverie.memory.records import now
 
 
 class DiaryStep(BaseModel):

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from memory.records import Memory, Message
+from reverie.memory.records import Memory, Message
 
 if TYPE_CHECKING:  # pragma: no cover
-    from memory.store import MemoryStore
+    from reverie.memory.store import MemoryStore
 
 _COSINE = {"hnsw": {"space": "cosine"}}
 _BATCH = 1000  # ids per Chroma call (well under its max batch size, 5461 in chromadb 1.5)
@@ -402,7 +402,7 @@ class MemoryIndex(_Collection):
     contradiction checks. Metadata: ``user_id``, ``kind``, ``status`` and ``superseded``
     (bool).
 
-    The index is derived data: SQLite (:class:`memory.store.MemoryStore`) is the record.
+    The index is derived data: SQLite (:class:`reverie.memory.store.MemoryStore`) is the record.
     After a crash between the two writes, :meth:`sync` brings the index back in line.
 
     Args: as :class:`FactStore` (default collection ``"memories"``).

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from memory.records import IdentityItem
+from reverie.memory.records import IdentityItem
 
 DEFAULT = Path(__file__).resolve().parent.parent / "reverie" / "samples" / "identity.yaml"
 

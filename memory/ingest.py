@@ -2,7 +2,7 @@
 
 Formats (``detect_format`` tells them apart by content, not by file name):
 
-- ``reverie``: our own day-log lines, one :class:`~memory.records.Session` per JSON line.
+- ``reverie``: our own day-log lines, one :class:`~reverie.memory.records.Session` per JSON line.
 - ``openai``: JSON Lines, each ``{"messages": [{"role", "content", "timestamp"?}, ...],
   "id"?, "user"?, "started_at"?/"created_at"?/"created"?, "ended_at"?}`` (a single such
   object as a ``.json`` document also works). ``content`` may be a string or a list of
@@ -34,8 +34,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from memory.daylog import DayLog, validate_user_id
-from memory.records import Message, Session
+from reverie.memory.daylog import DayLog, validate_user_id
+from reverie.memory.records import Message, Session
 
 Format = Literal["reverie", "openai", "sharegpt", "locomo"]
 FORMATS: tuple[str, ...] = ("reverie", "openai", "sharegpt", "locomo")

@@ -1,4 +1,4 @@
-"""The long-term memory store: one SQLite file of :class:`~memory.records.Memory` records.
+"""The long-term memory store: one SQLite file of :class:`~reverie.memory.records.Memory` records.
 
 Operations (the night's *consolidate* step):
 
@@ -14,7 +14,7 @@ Operations (the night's *consolidate* step):
   ``deletions`` table. The memory's content is not kept anywhere; a deleted id can never be
   added again (a resumed night must not bring back what the user asked to forget).
 
-Parked thoughts (:class:`~memory.records.ParkedThought`, the night's "subconscious": what a
+Parked thoughts (:class:`~reverie.memory.records.ParkedThought`, the night's "subconscious": what a
 night rejected or vetoed, re-verified on later nights) live beside the memories, per user:
 :meth:`MemoryStore.add_parked` (a no-op for an id already parked), :meth:`~MemoryStore.parked`,
 :meth:`~MemoryStore.update_parked` (with a ``history`` entry) and
@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, get_args
 
-from memory.records import Memory, MemoryKind, MemoryStatus, ParkedThought, now
+from reverie.memory.records import Memory, MemoryKind, MemoryStatus, ParkedThought, now
 
 STATUSES: tuple[str, ...] = get_args(MemoryStatus)
 KINDS: tuple[str, ...] = get_args(MemoryKind)

@@ -29,15 +29,15 @@ def bench():
 
 
 def ingest(data_dir: Path, sessions: str) -> None:
-    subprocess.run([sys.executable, "-m", "reverie.cli", "--data-dir", str(data_dir), "ingest",
+    subprocess.run([sys.executable, "-m", "reverie", "--data-dir", str(data_dir), "ingest",
                     str(LOCOMO), "--user", "jon", "--sessions", sessions],
                    cwd=REPO, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from memory.records import Memory
-    from memory.store import MemoryStore
+    from reverie.memory.records import Memory
+    from reverie.memory.store import MemoryStore
 
     d = tmp_path_factory.mktemp("extraction")
     ingest(d, "1-3")

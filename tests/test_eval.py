@@ -12,10 +12,10 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
-from memory.records import Memory
-from memory.store import MemoryStore
-from training.dataset import phrasings_for
-from wake.evaluate import (CATEGORIES, CategoryScore, Choice, Contains, EvalDataError,
+from reverie.memory.records import Memory
+from reverie.memory.store import MemoryStore
+from reverie.training.dataset import phrasings_for
+from reverie.wake.evaluate import (CATEGORIES, CategoryScore, Choice, Contains, EvalDataError,
                            EvalItem, EvalReport, Exact, JsonList, Lowercase, MaxWords, Number,
                            Regex, StartsWith, arun_eval, compare, first_number, load_items,
                            load_report, memory_items, run_eval, save_report, score)

@@ -11,9 +11,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import tiny_llama
-from training import lora, versions
-from training.lora import LoraArgs, encode_examples, iterations, masked_loss, train_adapter
-from training.versions import UnknownVersion, Versions, fuse, save_model_dir
+from reverie.training import lora, versions
+from reverie.training.lora import LoraArgs, encode_examples, iterations, masked_loss, train_adapter
+from reverie.training.versions import UnknownVersion, Versions, fuse, save_model_dir
 
 FACTS = [
     ("What is my cat's name?", "Your cat is called Miso."),

@@ -7,11 +7,11 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from memory.records import IdentityItem, Memory
+from reverie.memory.records import IdentityItem, Memory
 from reverie.config import load_settings
-from training import dataset
-from training.forge import learn
-from training.versions import Versions
+from reverie.training import dataset
+from reverie.training.forge import learn
+from reverie.training.versions import Versions
 
 from conftest import REPO, tiny_llama
 
@@ -19,9 +19,9 @@ from conftest import REPO, tiny_llama
 @pytest.fixture(scope="module")
 def taught_base(tmp_path_factory, smollm2_tokenizer):
     """A tiny llama that has learned the shipped general chat, so that damage shows."""
-    from training.gate import general_rows
-    from training.lora import LoraArgs, train_adapter
-    from training.versions import fuse
+    from reverie.training.gate import general_rows
+    from reverie.training.lora import LoraArgs, train_adapter
+    from reverie.training.versions import fuse
 
     model = tiny_llama(vocab_size=49152, seed=3)
     args = LoraArgs(rank=8, num_layers=2, learning_rate=1e-2, warmup=0, min_iters=60,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from memory.daylog import DayLog, validate_user_id
-from memory.ingest import (IngestError, detect_format, ingest, parse_locomo_datetime,
+from reverie.memory.daylog import DayLog, validate_user_id
+from reverie.memory.ingest import (IngestError, detect_format, ingest, parse_locomo_datetime,
                            read_sessions, sample_day_path)
-from memory.records import Message, Session
-from reverie.cli_ingest import ingest_command, parse_session_numbers
+from reverie.memory.records import Message, Session
+from reverie.cli.ingest import ingest_command, parse_session_numbers
 from reverie.config import Settings
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "conv-30.json"

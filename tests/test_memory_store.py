@@ -10,10 +10,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from memory.facts import (FactChunk, FactStore, MemoryIndex, chunk_verbatim, fact_chunks,
+from reverie.memory.facts import (FactChunk, FactStore, MemoryIndex, chunk_verbatim, fact_chunks,
                           is_verbatim)
-from memory.records import Memory, Message
-from memory.store import MemoryStore
+from reverie.memory.records import Memory, Message
+from reverie.memory.store import MemoryStore
 
 
 def fact(user: str, q: str, a: str, **kw) -> Memory:

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
-from graphs.run import NightError, run_night
-from memory.daylog import DayLog
-from memory.diary import read_steps
-from memory.records import Message, Session
-from memory.store import MemoryStore
+from reverie.graphs.run import NightError, run_night
+from reverie.memory.daylog import DayLog
+from reverie.memory.diary import read_steps
+from reverie.memory.records import Message, Session
+from reverie.memory.store import MemoryStore
 from reverie.config import load_settings
 
 from conftest import REPO
@@ -197,8 +197,8 @@ def test_a_real_night_on_the_default_model(settings, default_runtime):
 
 
 def test_grounding_check_catches_invented_details():
-    from agents.verifier import grounding_check
-    from memory.records import Candidate
+    from reverie.agents.verifier import grounding_check
+    from reverie.memory.records import Candidate
 
     s = session("s1", "My dog Biscuit is 3 years old and I live in Porto.")
 

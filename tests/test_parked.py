@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from graphs.night import parked_id
-from graphs.run import run_night
-from memory.daylog import DayLog
-from memory.diary import read_steps
-from memory.store import MemoryStore
+from reverie.graphs.night import parked_id
+from reverie.graphs.run import run_night
+from reverie.memory.daylog import DayLog
+from reverie.memory.diary import read_steps
+from reverie.memory.store import MemoryStore
 from reverie.config import load_settings
 
 from conftest import REPO

@@ -14,11 +14,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import tiny_llama
-from memory.identity import DEFAULT, load_identity
-from memory.records import Memory
-from prompts import load_chat_frame
-from training import dataset, forge, gate, lora
-from training.lora import Checkpoint, LoraArgs, best_checkpoint, train_adapter
+from reverie.memory.identity import DEFAULT, load_identity
+from reverie.memory.records import Memory
+from reverie.prompts import load_chat_frame
+from reverie.training import dataset, forge, gate, lora
+from reverie.training.lora import Checkpoint, LoraArgs, best_checkpoint, train_adapter
 
 SMALL = dict(rank=4, scale=20.0, num_layers=2, learning_rate=1e-3, warmup=2, batch_size=4,
              epochs=5.0, min_iters=1, max_iters=100, max_seq_length=160, seed=3)
@@ -60,10 +60,10 @@ def test_gate_asks_in_the_chats_prompt(smollm2_tokenizer, monkeypatch):
 def test_chat_session_and_frame_render_the_same_prompt(tmp_path):
     from langchain_core.language_models import FakeListChatModel
 
-    from memory.daylog import DayLog
-    from prompts import CHAT_VARIABLES, load_prompt
+    from reverie.memory.daylog import DayLog
+    from reverie.prompts import CHAT_VARIABLES, load_prompt
     from reverie.config import Settings
-    from wake.chat import COMPACT_VARIABLES, ChatSession
+    from reverie.wake.chat import COMPACT_VARIABLES, ChatSession
 
     f = frame()
     session = ChatSession(FakeListChatModel(responses=["ok"]), load_prompt("chat", CHAT_VARIABLES),

@@ -540,8 +540,8 @@ def test_sleep_model_answers_through_the_verifier_role(default_runtime):
 # -- the dreamer's constraints for the sleep model ---------------------------------------------
 
 def test_cited_turns_follow_the_notes_words():
-    from agents.dreamer import attribute
-    from memory.records import Message
+    from reverie.agents.dreamer import attribute
+    from reverie.memory.records import Message
 
     window = [Message(turn_id="t1", role="user", content="I'm Maya. My dog Biscuit is a beagle."),
               Message(turn_id="t2", role="assistant", content="I work at Tidewater Labs too!"),
@@ -558,8 +558,8 @@ def test_cited_turns_follow_the_notes_words():
 def test_dream_grammar_asks_for_third_person_notes_and_drops_repeats():
     import re
 
-    from agents.dreamer import Dream, DreamedMemory, STATEMENT_PATTERN, grammar, to_candidates
-    from memory.records import Message, Session
+    from reverie.agents.dreamer import Dream, DreamedMemory, STATEMENT_PATTERN, grammar, to_candidates
+    from reverie.memory.records import Message, Session
 
     item = grammar(["t1", "t3"], 4, 1, None)["$defs"]["DreamedMemory"]["properties"]
     assert item["statement"]["pattern"] == STATEMENT_PATTERN

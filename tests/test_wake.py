@@ -12,15 +12,15 @@ from langchain_core.documents import Document
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import SystemMessage
 
-from agents.router import forget_requests
-from graphs.run import run_night
-from memory.daylog import DayLog
-from memory.records import Memory, Message, Session
-from memory.store import MemoryStore
-from prompts import load_prompt
+from reverie.agents.router import forget_requests
+from reverie.graphs.run import run_night
+from reverie.memory.daylog import DayLog
+from reverie.memory.records import Memory, Message, Session
+from reverie.memory.store import MemoryStore
+from reverie.prompts import load_prompt
 from reverie.config import WakeConfig, load_settings
-from wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
-from wake.triggers import cron_line, next_time, parse_hhmm, wait_until
+from reverie.wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
+from reverie.wake.triggers import cron_line, next_time, parse_hhmm, wait_until
 
 from conftest import REPO
 
@@ -197,9 +197,9 @@ def test_triggers():
 def test_retrieval_never_reads_another_users_data(tmp_path, embedder):
     import chromadb
 
-    from memory.facts import FactChunk, FactStore, MemoryIndex
+    from reverie.memory.facts import FactChunk, FactStore, MemoryIndex
     from reverie.runtime.embeddings import MiniLMEmbeddingFunction
-    from wake.retrieval import MemoryRetriever
+    from reverie.wake.retrieval import MemoryRetriever
 
     client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
     ef = MiniLMEmbeddingFunction(embedder)
@@ -256,7 +256,7 @@ def test_a_night_for_one_user_reads_only_that_users_data(tmp_path, embedder, mod
     seen = {}
 
     def learner(night_id, tonight, earlier, items):
-        from training.forge import ForgeOutcome
+        from reverie.training.forge import ForgeOutcome
 
         seen["tonight"], seen["earlier"] = tonight, earlier
         return ForgeOutcome(False, None, "base", reasons=["test"])

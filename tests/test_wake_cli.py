@@ -12,13 +12,13 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_llama
-from memory.daylog import DayLog
+from reverie.memory.daylog import DayLog
 from reverie.cli import app
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, smollm2_tokenizer, model_cache):
-    from training.versions import save_model_dir
+    from reverie.training.versions import save_model_dir
 
     root = tmp_path_factory.mktemp("tiny")
     save_model_dir(tiny_llama(vocab_size=49152, seed=3), smollm2_tokenizer, root / "model")

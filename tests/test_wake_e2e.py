@@ -13,10 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO
-from memory.daylog import DayLog
-from memory.diary import list_nights, read_steps
+from reverie.memory.daylog import DayLog
+from reverie.memory.diary import list_nights, read_steps
 from reverie.cli import app
-from training.versions import Versions
+from reverie.training.versions import Versions
 
 
 @pytest.mark.e2e

@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from memory.records import IdentityItem, Memory
-from prompts import question_turns
+from reverie.memory.records import IdentityItem, Memory
+from reverie.prompts import question_turns
 
 TEMPLATES = ["Quick question: {q}", "{q} Answer briefly.", "Do you remember? {q}",
              "Tell me again: {q}", "I forgot, {q_lower}", "Remind me, {q_lower}"]
@@ -69,7 +69,7 @@ def phrasings_for(memory: Memory, n: int) -> tuple[list[str], str]:
 
 def chat_row(question: str, answer: str, kind: str, memory_id: str = "", frame=None) -> dict:
     """A training row ``{"messages": [..., assistant], "kind"[, "memory_id"]}``: the
-    question as :func:`prompts.question_turns` puts it (in ``frame``, or a bare user turn),
+    question as :func:`reverie.prompts.question_turns` puts it (in ``frame``, or a bare user turn),
     then ``answer``."""
     extra = {"kind": kind} | ({"memory_id": memory_id} if memory_id else {})
     return {"messages": question_turns(question, frame) + [{"role": "assistant", "content": answer}],
@@ -78,7 +78,7 @@ def chat_row(question: str, answer: str, kind: str, memory_id: str = "", frame=N
 
 def memory_rows(memory: Memory, n: int, frame=None) -> tuple[list[dict], str | None]:
     """Training rows of one memory and its held-out question (facts only). ``frame``: the
-    chat's :class:`prompts.ChatFrame` the questions are asked in (None: a bare user turn)."""
+    chat's :class:`reverie.prompts.ChatFrame` the questions are asked in (None: a bare user turn)."""
     if memory.kind == "fact":
         train, held = phrasings_for(memory, n)
         rows = [chat_row(q, memory.answer, "fact", memory.id, frame) for q in train]
@@ -129,7 +129,7 @@ def build(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityI
           rehearsal: list[dict], cfg, seed: int = 0, frame=None) -> TrainingSet:
     """Compose the set. ``rehearsal`` rows are the model's own chat answers (already
     generated, already framed); ``cfg`` is the ``forge`` config; ``frame`` the chat's
-    :class:`prompts.ChatFrame` every other row's question is put in, so the model learns
+    :class:`reverie.prompts.ChatFrame` every other row's question is put in, so the model learns
     in the prompt it is asked in. Rows are shuffled with ``seed``."""
     fact_rows, new_items, dev_items = [], [], []
     for m in tonight:

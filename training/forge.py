@@ -16,13 +16,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from memory.identity import load_identity
-from prompts import ChatFrame, load_chat_frame
+from reverie.memory.identity import load_identity
+from reverie.prompts import ChatFrame, load_chat_frame
 from reverie.config import Settings
 from reverie.runtime import sources
-from training import dataset, gate
-from training.lora import Checkpoint, LoraArgs, TrainResult, train_adapter
-from training.versions import Versions, fuse, save_model_dir
+from reverie.training import dataset, gate
+from reverie.training.lora import Checkpoint, LoraArgs, TrainResult, train_adapter
+from reverie.training.versions import Versions, fuse, save_model_dir
 
 
 @dataclass
@@ -61,7 +61,7 @@ def chat_frame(settings: Settings) -> ChatFrame:
 
 def dev_selector(tokenizer, dev_items, dev_probe, max_loss: float, frame: ChatFrame | None,
                  base_probe: int):
-    """A checkpoint scorer for :func:`training.lora.train_adapter`: recall of tonight's
+    """A checkpoint scorer for :func:`reverie.training.lora.train_adapter`: recall of tonight's
     facts on their dev questions, and the dev probe, which holds when it lost at most
     ``max_loss`` of its questions against ``base_probe`` (the count right before training).
     Only dev questions: the gate's held-out questions and probe are never looked at."""
@@ -112,7 +112,7 @@ def rehearsal_rows(model, tokenizer, n: int, max_tokens: int = 128,
 def self_targets(model, tokenizer, rows: list[dict], max_tokens: int = 48) -> tuple[list[dict], int]:
     """Rows whose fact answer is replaced by the model's own greedy answer given the fact
     in its prompt (the row's ``"teacher"`` messages), where that answer states the written
-    one (:func:`training.gate.matches`) and was not cut off; other rows are kept as they
+    one (:func:`reverie.training.gate.matches`) and was not cut off; other rows are kept as they
     are. Returns ``(rows, replaced)``: targets in the model's own words, which move its
     weights less than someone else's (self-distillation: SDFT, arXiv 2601.19897)."""
     from mlx_lm.generate import batch_generate
@@ -139,7 +139,7 @@ def self_targets(model, tokenizer, rows: list[dict], max_tokens: int = 48) -> tu
 @dataclass
 class Trial:
     """One training run and its gate: the training set, the gate's reports before and
-    after (``pre``, ``post``), the :class:`~training.lora.TrainResult`, the decision and its
+    after (``pre``, ``post``), the :class:`~reverie.training.lora.TrainResult`, the decision and its
     reasons, and the dev probe's count right before training (None without selection).
     The model is left fused with the kept adapter."""
 
@@ -197,7 +197,7 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
     """Train on tonight's memories and promote the result if the gate passes.
 
     Args:
-        tonight: tonight's verified :class:`~memory.records.Memory` objects.
+        tonight: tonight's verified :class:`~reverie.memory.records.Memory` objects.
         earlier: earlier nights' memories (verified or learned, not superseded): replay and
             the regression set.
         identity_items: identity Q&A pairs for the "old core".

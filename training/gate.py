@@ -1,7 +1,7 @@
 """The validation gate: closed-book checks before a new model version becomes active.
 
 Closed book means no memories and no retrieval in the prompt, greedy decoding; the
-question is framed the way the day chat frames it (:class:`prompts.ChatFrame`: the chat's
+question is framed the way the day chat frames it (:class:`reverie.prompts.ChatFrame`: the chat's
 system prompt and template), so the gate measures the model the user talks to. Four
 measures, each taken before and after a night's training:
 
@@ -27,7 +27,7 @@ from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 
-from prompts import question_turns
+from reverie.prompts import question_turns
 
 DATA = Path(__file__).resolve().parent / "data"
 _STOP = set("a an the of to in on at is are was were and or for with my your his her their "
@@ -70,7 +70,7 @@ def matches(output: str, expected: str) -> bool:
 def answer(model, tokenizer, questions: Sequence[str], max_tokens: int = 48,
            frame=None) -> list[str]:
     """Greedy closed-book answers (batched with mlx-lm's ``batch_generate``), each question
-    framed by ``frame`` (a :class:`prompts.ChatFrame`; None: a bare user turn)."""
+    framed by ``frame`` (a :class:`reverie.prompts.ChatFrame`; None: a bare user turn)."""
     from mlx_lm.generate import batch_generate
 
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
@@ -95,7 +95,7 @@ def recall(model, tokenizer, items: Sequence[tuple[str, Sequence[str]]],
 def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, frame=None) -> float:
     """Mean per-token loss (nats) on the assistant answers of chat rows (their user turn
     framed by ``frame`` when given)."""
-    from training.lora import encode_examples, masked_loss
+    from reverie.training.lora import encode_examples, masked_loss
 
     examples = encode_examples(tokenizer, frame.reframe(rows) if frame is not None else rows)
     total, count = 0.0, 0
@@ -134,7 +134,7 @@ def evaluate(model, tokenizer, new_items, regression_items, probe, general,
     Args:
         new_items, regression_items, probe: ``(question, accepted answers)`` lists.
         general: chat rows for the held-out loss.
-        frame: the chat's :class:`prompts.ChatFrame` every question is asked in (None: a
+        frame: the chat's :class:`reverie.prompts.ChatFrame` every question is asked in (None: a
             bare user turn, the chat template's own default system prompt).
     """
     new, new_d = recall(model, tokenizer, new_items, frame)

@@ -670,7 +670,7 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
     cosine decay, :func:`learning_rate_schedule`) through ``mlx_lm.tuner.trainer.train`` for
     :func:`iterations` steps, with :func:`masked_loss` (answer tokens only) and
     :func:`iterate_batches` (every example, seeded order). The model is modified in place and
-    left in eval mode with its trained LoRA layers (``training.versions.fuse`` merges them).
+    left in eval mode with its trained LoRA layers (``reverie.training.versions.fuse`` merges them).
 
     The adapter is written to a hidden folder next to ``out_dir`` and renamed to ``out_dir``
     only when ``adapters.safetensors`` and ``adapter_config.json`` are complete; on any
@@ -824,8 +824,8 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
                 "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
                               "weight_decay": args.weight_decay},
                 "loss": ("cross-entropy on answer tokens; rehearsal rows: kl_weight x "
-                         "KL(base || adapted) (training.lora.distil_loss)") if distil else
-                        "cross-entropy on answer tokens only (training.lora.masked_loss)",
+                         "KL(base || adapted) (reverie.training.lora.distil_loss)") if distil else
+                        "cross-entropy on answer tokens only (reverie.training.lora.masked_loss)",
                 "n_distil_examples": sum(row[2] for row in train_set),
                 "n_teacher_examples": sum(1 for row in train_set if row[3]),
                 "n_rows": len(train_rows),

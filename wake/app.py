@@ -1,7 +1,7 @@
 """Wiring the day side to the configured models and the data directory (used by the CLI).
 
 :class:`Day` holds the runtime (the active model version), the user's retriever and the
-night runner; :meth:`Day.chat` builds a :class:`~wake.chat.ChatSession` on them.
+night runner; :meth:`Day.chat` builds a :class:`~reverie.wake.chat.ChatSession` on them.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from memory.daylog import DayLog
-from memory.identity import load_identity
-from prompts import load_prompt
+from reverie.memory.daylog import DayLog
+from reverie.memory.identity import load_identity
+from reverie.prompts import load_prompt
 from reverie.config import Settings
-from wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
+from reverie.wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
 
 
 def night_report(summary: dict) -> str:
@@ -70,14 +70,14 @@ class Day:
 
     def version(self) -> str:
         """The active model version ("base" before any night promoted one)."""
-        from training.versions import Versions
+        from reverie.training.versions import Versions
 
         return Versions(self.settings.paths.versions).active() or "base"
 
     def retriever(self):
-        """This user's :class:`~wake.retrieval.MemoryRetriever` (opened once)."""
+        """This user's :class:`~reverie.wake.retrieval.MemoryRetriever` (opened once)."""
         if self._retriever is None:
-            from wake.retrieval import open_retriever
+            from reverie.wake.retrieval import open_retriever
 
             self._retriever = open_retriever(self.settings, self.runtime.embedder(), self.user_id)
         return self._retriever
@@ -89,7 +89,7 @@ class Day:
     def sleep(self):
         """Run the night for this user; afterwards the chat goes on with the active
         version (a new one when the night promoted it). Returns ``(chat model, report)``."""
-        from graphs.run import run_night
+        from reverie.graphs.run import run_night
 
         before = self.version()
         summary = self.night_display(lambda on_update, on_train: asyncio.run(run_night(

@@ -4,10 +4,10 @@ itself, and the commands that put the model to sleep.
 A :class:`ChatSession` owns one conversation with one user. Each turn:
 
 1. retrieval (if on): the user's nearest memories and verbatim chunks
-   (:class:`~wake.retrieval.MemoryRetriever`) go into the system prompt;
+   (:class:`~reverie.wake.retrieval.MemoryRetriever`) go into the system prompt;
 2. the chat model answers (any langchain-core chat model; streamed when asked);
 3. the turn is logged: the session, user id on it, is rewritten in the day log
-   (:meth:`memory.daylog.DayLog.save`), so a crash loses at most the turn in flight;
+   (:meth:`reverie.memory.daylog.DayLog.save`), so a crash loses at most the turn in flight;
 4. when the prompt passes ``compact_at`` of ``context_tokens``, the older turns are
    summarised by the same model and the summary kept in the prompt; the day log keeps
    every turn word for word (the night learns from the log, not from the prompt).
@@ -30,9 +30,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.prompts import ChatPromptTemplate
 
-from memory.daylog import DayLog
-from memory.records import Message, Session, new_id, now
-from prompts import CHAT_VARIABLES, ChatFrame, memories_section  # noqa: F401  (re-exported)
+from reverie.memory.daylog import DayLog
+from reverie.memory.records import Message, Session, new_id, now
+from reverie.prompts import CHAT_VARIABLES, ChatFrame, memories_section  # noqa: F401  (re-exported)
 
 COMPACT_VARIABLES = frozenset({"summary", "conversation"})
 COMMANDS = {

@@ -2,9 +2,9 @@
 
 ``reverie cycle --tag T``:
 
-1. pre-eval: the capability items (:mod:`wake.evaluate`) plus recall of the user's learned
+1. pre-eval: the capability items (:mod:`reverie.wake.evaluate`) plus recall of the user's learned
    facts, on the active model version, closed book and greedy;
-2. the night (:func:`graphs.run.run_night`) for the user, forge included;
+2. the night (:func:`reverie.graphs.run.run_night`) for the user, forge included;
 3. post-eval on the version active afterwards (the new one if the gate promoted it);
 4. one JSON line in ``cycles.jsonl`` (hyper-parameters, pre, post, deltas, the forge's
    gate figures), a comparison table, and a PNG beside the night's diary: pre vs post per
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from memory.store import MemoryStore
+from reverie.memory.store import MemoryStore
 from reverie.config import Settings
-from wake.evaluate import EvalReport, compare, load_items, memory_items, run_eval, save_report
+from reverie.wake.evaluate import EvalReport, compare, load_items, memory_items, run_eval, save_report
 
 
 def evaluate(settings: Settings, runtime, user_id: str | None,
@@ -37,7 +37,7 @@ def evaluate(settings: Settings, runtime, user_id: str | None,
     if user_id:
         with MemoryStore(settings.paths.memories_db) as store:
             items += memory_items(store, user_id, settings.forge.phrasings)
-    from training.forge import chat_frame
+    from reverie.training.forge import chat_frame
 
     report = run_eval(model, items, tag=tag, user_id=user_id,
                       max_concurrency=settings.night.max_concurrency, frame=chat_frame(settings))
@@ -46,7 +46,7 @@ def evaluate(settings: Settings, runtime, user_id: str | None,
 
 @dataclass
 class CycleResult:
-    """What one cycle measured. ``rows`` are :func:`wake.evaluate.compare` rows; ``forge``
+    """What one cycle measured. ``rows`` are :func:`reverie.wake.evaluate.compare` rows; ``forge``
     the night's forge outcome (pre/post gate figures, promoted, reasons, train)."""
 
     tag: str
@@ -138,10 +138,10 @@ def run_cycle(settings: Settings, runtime, tag: str, user_id: str,
     Args:
         runtime: a :class:`~reverie.runtime.models.Runtime`; reloaded after the night if it
             promoted a version, so the post-eval runs on the new weights.
-        night_display: wraps the night like :class:`wake.app.Day` does (live table).
+        night_display: wraps the night like :class:`reverie.wake.app.Day` does (live table).
     """
-    from graphs.run import run_night
-    from training.versions import Versions
+    from reverie.graphs.run import run_night
+    from reverie.training.versions import Versions
 
     display = night_display or (lambda run: run(None, None))
     versions = Versions(settings.paths.versions)

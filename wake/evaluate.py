@@ -3,7 +3,7 @@
 Shipped items (``wake/data/eval_items.jsonl``) cover seven categories (math, reasoning,
 factual, format, summarization, style, context), 8 items each; :func:`memory_items` adds
 recall of a user's learned facts. Each item is asked once, the way the day chat asks it
-(its system prompt and template, a :class:`prompts.ChatFrame`) but with no memories and no
+(its system prompt and template, a :class:`reverie.prompts.ChatFrame`) but with no memories and no
 retrieval, and scored by a deterministic check (no judge model), so a
 report taken before a night and one taken after can be compared (:func:`compare`).
 
@@ -25,8 +25,8 @@ from langchain_core.messages import HumanMessage
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from memory.daylog import atomic_write_text
-from training.gate import matches
+from reverie.memory.daylog import atomic_write_text
+from reverie.training.gate import matches
 
 DATA = Path(__file__).resolve().parent / "data"
 ITEMS_FILE = DATA / "eval_items.jsonl"
@@ -115,7 +115,7 @@ def json_array(text: str) -> Optional[list]:
 
 
 def any_match(output: str, answers: Iterable[str]) -> bool:
-    """Any accepted answer in ``output`` as whole words (:func:`training.gate.matches`)."""
+    """Any accepted answer in ``output`` as whole words (:func:`reverie.training.gate.matches`)."""
     return any(matches(output, a) for a in answers)
 
 
@@ -331,17 +331,17 @@ def memory_items(store, user_id: str, phrasings: int = 5) -> list[EvalItem]:
     """Closed-book recall items for ``user_id``'s learned facts (current versions only).
 
     Args:
-        store: a :class:`memory.store.MemoryStore`.
+        store: a :class:`reverie.memory.store.MemoryStore`.
         user_id: whose facts.
         phrasings: training phrasings per fact, as the forge uses
-            (:func:`training.dataset.phrasings_for`); the item asks the held-out one, the
+            (:func:`reverie.training.dataset.phrasings_for`); the item asks the held-out one, the
             wording the model was not trained on.
 
     Returns:
         one ``memory`` item per fact, id ``memory-<memory id>``, right when the answer is
         in the output (:class:`Contains`), oldest fact first.
     """
-    from training.dataset import phrasings_for
+    from reverie.training.dataset import phrasings_for
 
     out = []
     for m in store.list(user_id=user_id, status="learned", kind="fact"):
@@ -430,7 +430,7 @@ async def arun_eval(model, items: list[EvalItem], *, tag: str = "",
         user_id: whose memory items these are (recorded only).
         max_concurrency: calls in flight at once (``abatch``'s config).
         model_name: named in the report; default from the model's identifying params.
-        frame: the chat's :class:`prompts.ChatFrame` each item is asked in (None: a bare
+        frame: the chat's :class:`reverie.prompts.ChatFrame` each item is asked in (None: a bare
             user message).
 
     Returns:

@@ -4,9 +4,9 @@ Two sources, both in ChromaDB and both filtered by user id inside the query (a u
 retrieval never reads another's data):
 
 - memories (the night's verified and learned Q&A, preferences and rules): the
-  :class:`~memory.facts.MemoryIndex`, text from the :class:`~memory.store.MemoryStore`;
+  :class:`~reverie.memory.facts.MemoryIndex`, text from the :class:`~reverie.memory.store.MemoryStore`;
 - verbatim chunks (code, URLs, JSON the night routed to the fact store):
-  :class:`~memory.facts.FactStore`.
+  :class:`~reverie.memory.facts.FactStore`.
 
 Both are ranked by cosine distance (0 = same direction, 2 = opposite); only those within
 ``max_distance`` come back, nearest first.
@@ -21,8 +21,8 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from memory.facts import FactStore, MemoryIndex
-from memory.store import MemoryStore
+from reverie.memory.facts import FactStore, MemoryIndex
+from reverie.memory.store import MemoryStore
 
 USABLE = ("verified", "learned")
 

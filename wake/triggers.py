@@ -1,7 +1,7 @@
 """When to sleep: at a clock time, when the day log grows past a size, or from cron.
 
 - ``reverie night --at HH:MM`` waits for the next HH:MM (local time) and runs;
-- the "sunset" trigger (:meth:`memory.daylog.DayLog.size` against ``wake.sunset_chars``)
+- the "sunset" trigger (:meth:`reverie.memory.daylog.DayLog.size` against ``wake.sunset_chars``)
   fires in the chat after a turn, and ``reverie night --if-sunset`` runs only when it is due
   (for cron, several times a day);
 - ``reverie schedule`` prints the crontab line for a nightly run at ``wake.night_at``.

@@ -1,7 +1,7 @@
 """mlx-lm model folders: write a model and its tokenizer so that ``mlx_lm.load`` reads them.
 
 Used by the GGUF converter (:func:`reverie.runtime.gguf.convert_gguf`) and by the forge's
-model versions (:mod:`training.versions`). Weights are float32 by default: fusing into a
+model versions (:mod:`reverie.training.versions`). Weights are float32 by default: fusing into a
 quantized base and re-quantizing would erase small LoRA updates (FINDINGS, "Fusing").
 """
 

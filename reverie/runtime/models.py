@@ -147,7 +147,7 @@ class Runtime:
         the model has not learned anything yet, or is not the one the forge trains)."""
         if name != self.settings.forge.model:
             return None
-        from training.versions import Versions
+        from reverie.training.versions import Versions
 
         versions = Versions(self.settings.paths.versions)
         active = versions.active()

@@ -12,8 +12,8 @@ from typing import Optional
 from rich.console import Console
 from rich.markup import escape
 
-from memory.daylog import DayLog, validate_user_id
-from memory.ingest import FORMATS, ingest, sample_day_path
+from reverie.memory.daylog import DayLog, validate_user_id
+from reverie.memory.ingest import FORMATS, ingest, sample_day_path
 from reverie.config import Settings
 
 

@@ -150,7 +150,7 @@ def models_list():
     console.print(table)
     for model in embedded:
         console.print(f"[bold]{model.name}[/bold] ({model.license}): {model.provenance}")
-    from training.versions import Versions
+    from reverie.training.versions import Versions
 
     versions = Versions(settings.paths.versions)
     listed = versions.list()
@@ -174,7 +174,7 @@ def models_list():
 def rollback(version: Optional[str] = typer.Argument(None, help="a version from `reverie models "
                                                      "list` (default: the active one's parent)")):
     """Make an earlier model version active again (atomic; nothing is deleted)."""
-    from training.versions import Versions
+    from reverie.training.versions import Versions
 
     versions = Versions(state.settings().paths.versions)
     try:
@@ -215,7 +215,7 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
            force: bool = typer.Option(False, help="re-import sessions an earlier night consumed"),
            sample: bool = typer.Option(False, help="import the sample day shipped with Reverie")):
     """Import conversations into the day log (bad records are reported, the rest imported)."""
-    from reverie.cli_ingest import ingest_command
+    from reverie.cli.ingest import ingest_command
 
     if not files and not sample:
         err.print("[red]error:[/red] give chat history files, or --sample")
@@ -298,11 +298,11 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
     import asyncio
     from datetime import datetime
 
-    from graphs.run import NightError, run_night
-    from memory.daylog import DayLog
+    from reverie.graphs.run import NightError, run_night
+    from reverie.memory.daylog import DayLog
     from reverie.runtime.models import Runtime
-    from wake.app import night_report
-    from wake.triggers import next_time, wait_until
+    from reverie.wake.app import night_report
+    from reverie.wake.triggers import next_time, wait_until
 
     settings = state.settings()
     if if_sunset:
@@ -334,7 +334,7 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
 @diary_app.command("list")
 def diary_list():
     """Every night with its counts."""
-    from memory.diary import list_nights
+    from reverie.memory.diary import list_nights
 
     nights = list_nights(state.settings().paths.diary)
     if not nights:
@@ -365,7 +365,7 @@ def diary_show(night_id: str = typer.Argument(..., help="a night id from `reveri
     """The night's diary as Markdown, optionally only some steps."""
     from rich.markdown import Markdown
 
-    from memory.diary import filter_steps, read_steps, render_markdown, render_step
+    from reverie.memory.diary import filter_steps, read_steps, render_markdown, render_step
 
     folder = state.settings().paths.diary / night_id
     if not (folder / "steps.jsonl").exists():
@@ -385,8 +385,8 @@ def diary_show(night_id: str = typer.Argument(..., help="a night id from `reveri
 @prompts_app.command("list")
 def prompts_list():
     """Which file each agent's prompt comes from (shipped default or your override), checked."""
-    from graphs.run import AGENT_PROMPTS
-    from prompts import PromptError, load_prompt, locate
+    from reverie.graphs.run import AGENT_PROMPTS
+    from reverie.prompts import PromptError, load_prompt, locate
 
     settings = state.settings()
     table = Table()
@@ -410,8 +410,8 @@ def prompts_list():
 @prompts_app.command("show")
 def prompts_show(name: str):
     """Print an agent's prompt file."""
-    from graphs.run import AGENT_PROMPTS
-    from prompts import PromptError, load_prompt, locate
+    from reverie.graphs.run import AGENT_PROMPTS
+    from reverie.prompts import PromptError, load_prompt, locate
 
     settings = state.settings()
     try:
@@ -430,7 +430,7 @@ def prompts_show(name: str):
 
 
 def _user(settings: Settings, user: Optional[str]) -> str:
-    from memory.daylog import validate_user_id
+    from reverie.memory.daylog import validate_user_id
 
     try:
         return validate_user_id(user or settings.wake.user)
@@ -459,8 +459,8 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
     """Chat with the active model version; every turn is logged for the night.
 
     Commands: /sleep, /status, /compact, /forget TEXT, /quit."""
-    from wake.app import Day
-    from wake.chat import COMMANDS
+    from reverie.wake.app import Day
+    from reverie.wake.chat import COMMANDS
 
     settings = state.settings()
     user_id = _user(settings, user)
@@ -510,7 +510,7 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
 @app.command()
 def schedule(at: Optional[str] = typer.Option(None, "--at", help="HH:MM (default: wake.night_at)")):
     """Print the crontab line that runs the night every day (add it with `crontab -e`)."""
-    from wake.triggers import cron_line
+    from reverie.wake.triggers import cron_line
 
     settings = state.settings()
     log = settings.data_dir / "logs" / "night.log"
@@ -543,7 +543,7 @@ def eval_(tag: str = typer.Option("", "--tag", help="names the run (file name an
     """Score the active model version: math, reasoning, factual, format, summarization,
     style, context, and recall of the user's learned facts (closed book, greedy)."""
     from reverie.runtime.models import Runtime
-    from wake.cycle import evaluate
+    from reverie.wake.cycle import evaluate
 
     settings = state.settings()
     user_id = _user(settings, user)
@@ -567,8 +567,8 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
                                              "(default: wake.user)")):
     """Evaluate, sleep, evaluate again: a before/after table, the experiment log, a plot."""
     from reverie.runtime.models import Runtime
-    from wake.app import night_report
-    from wake.cycle import run_cycle
+    from reverie.wake.app import night_report
+    from reverie.wake.cycle import run_cycle
 
     settings = state.settings()
     user_id = _user(settings, user)
@@ -587,6 +587,3 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
     console.print(night_report(result.summary), highlight=False)
     console.print(f"plot: {result.plot}\nlog: {settings.paths.cycles}", highlight=False)
 
-
-if __name__ == "__main__":
-    app()
