@@ -359,6 +359,29 @@ def test_rollback_restores_exact_weights(smollm2_tokenizer, night_model, trained
     assert v.rollback() == "night-1"                        # night-2 is gone: next ancestor
 
 
+def test_runtime_loads_the_folder_it_is_told(smollm2_tokenizer, night_model, tmp_path):
+    # the runtime knows nothing of versions: the caller hands it the promoted folder
+    from reverie.config import Settings
+    from reverie.runtime.models import Runtime
+    from reverie.training.versions import learned_folders
+
+    tok = smollm2_tokenizer
+    settings = Settings(data_dir=tmp_path)
+    v = Versions(settings.paths.versions)
+    v.save_model("base", tiny_llama(vocab_size=len(tok._tokenizer), seed=0), tok, activate=True)
+    assert learned_folders(settings) == {}                  # base: the configured source
+    v.save_model("night-1", night_model, tok, parent="base", activate=True)
+    assert learned_folders(settings) == {"default": v.path("night-1")}
+    runtime = Runtime(settings, learned_folders(settings))
+    try:
+        loaded = runtime.load("default")
+        assert loaded.source == str(v.path("night-1"))
+        want, got = params(night_model), params(loaded.model)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    finally:
+        runtime.close()
+
+
 def test_crash_leaves_active_and_list_unchanged(smollm2_tokenizer, night_model, tmp_path,
                                                 monkeypatch):
     tok = smollm2_tokenizer

@@ -414,3 +414,14 @@ class Versions:
             if name in versions:
                 removed.append(name)
         return removed
+
+
+def learned_folders(settings) -> dict[str, Path]:
+    """What to hand :class:`~reverie.runtime.models.Runtime`: ``{forge.model: folder}`` of
+    the version the forge promoted, or ``{}`` while the base model is active (a
+    :class:`reverie.config.Settings` in; the runtime then loads the configured sources)."""
+    versions = Versions(settings.paths.versions)
+    active = versions.active()
+    if not active or active == "base":
+        return {}
+    return {settings.forge.model: versions.path(active)}

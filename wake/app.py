@@ -1,18 +1,18 @@
 """Wiring the day side to the configured models and the data directory (used by the CLI).
 
 :class:`Day` holds the runtime (the active model version), the user's retriever and the
-night runner; :meth:`Day.chat` builds a :class:`~reverie.wake.chat.ChatSession` on them.
+``sleep`` callable the CLI hands it; :meth:`Day.chat` builds a :class:`~reverie.wake.chat.ChatSession` on them.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Callable
+from typing import Callable
 
 from reverie.memory.daylog import DayLog
 from reverie.memory.identity import load_identity
 from reverie.prompts import load_prompt
 from reverie.config import Settings
+from reverie.training.versions import Versions, learned_folders
 from reverie.wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
 
 
@@ -35,21 +35,22 @@ class Day:
     Args:
         settings: the configuration.
         user_id: whose chat this is.
-        runtime: a :class:`~reverie.runtime.models.Runtime` (default: a new one).
-        night_display: ``display(run)`` calls ``run(on_update, on_train)`` (which runs the
-            night) and returns its result, e.g. under a live progress table; default: no
-            display.
+        runtime: a :class:`~reverie.runtime.models.Runtime` (default: one on the active
+            version's folder).
+        sleep: ``sleep(user_id)`` runs the night for that user and returns its summary
+            (the CLI hands one in: the day never imports the night); ``None``: the chat's
+            ``/sleep`` says it cannot.
 
     Call :meth:`close` when done (stops the model's engine thread).
     """
 
     def __init__(self, settings: Settings, user_id: str, runtime=None,
-                 night_display: Callable[[Callable], Any] | None = None):
+                 sleep: Callable[[str], dict] | None = None):
         from reverie.runtime.models import Runtime
 
         self.settings, self.user_id = settings, user_id
-        self.runtime = runtime or Runtime(settings)
-        self.night_display = night_display or (lambda run: run(None, None))
+        self.runtime = runtime or Runtime(settings, learned_folders(settings))
+        self._sleep = sleep
         self.last_night: dict | None = None
         self._retriever = None
 
@@ -70,8 +71,6 @@ class Day:
 
     def version(self) -> str:
         """The active model version ("base" before any night promoted one)."""
-        from reverie.training.versions import Versions
-
         return Versions(self.settings.paths.versions).active() or "base"
 
     def retriever(self):
@@ -88,16 +87,17 @@ class Day:
 
     def sleep(self):
         """Run the night for this user; afterwards the chat goes on with the active
-        version (a new one when the night promoted it). Returns ``(chat model, report)``."""
-        from reverie.graphs.run import run_night
+        version (a new one when the night promoted it). Returns ``(chat model, report)``.
 
+        Raises:
+            RuntimeError: this day was given no ``sleep`` callable."""
+        if self._sleep is None:
+            raise RuntimeError("this chat has no night to run (start it with `reverie chat`)")
         before = self.version()
-        summary = self.night_display(lambda on_update, on_train: asyncio.run(run_night(
-            self.settings, runtime=self.runtime, user_id=self.user_id, on_update=on_update,
-            on_train=on_train)))
+        summary = self._sleep(self.user_id)
         self.last_night = summary
         if self.version() != before:  # load the promoted weights
-            self.runtime.reload()
+            self.runtime.reload(learned_folders(self.settings))
         else:  # the night's sleep model goes back; the chat keeps the day model
             self.runtime.release(keep=[self.settings.roles[self.role].model])
         return self.chat_model(), night_report(summary)

@@ -4,7 +4,7 @@
 
 1. pre-eval: the capability items (:mod:`reverie.wake.evaluate`) plus recall of the user's learned
    facts, on the active model version, closed book and greedy;
-2. the night (:func:`reverie.graphs.run.run_night`) for the user, forge included;
+2. the night for the user (the ``sleep`` callable the CLI hands in), forge included;
 3. post-eval on the version active afterwards (the new one if the gate promoted it);
 4. one JSON line in ``cycles.jsonl`` (hyper-parameters, pre, post, deltas, the forge's
    gate figures), a comparison table, and a PNG beside the night's diary: pre vs post per
@@ -13,15 +13,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from reverie.memory.store import MemoryStore
 from reverie.config import Settings
+from reverie.training.versions import Versions, learned_folders
 from reverie.wake.evaluate import EvalReport, compare, load_items, memory_items, run_eval, save_report
 
 
@@ -132,25 +132,21 @@ def log_cycle(settings: Settings, result: CycleResult) -> dict:
 
 
 def run_cycle(settings: Settings, runtime, tag: str, user_id: str,
-              night_display: Callable[[Callable], Any] | None = None) -> CycleResult:
+              sleep: Callable[[str], dict]) -> CycleResult:
     """Pre-eval, night, post-eval, log and plot (see the module docstring).
 
     Args:
         runtime: a :class:`~reverie.runtime.models.Runtime`; reloaded after the night if it
             promoted a version, so the post-eval runs on the new weights.
-        night_display: wraps the night like :class:`reverie.wake.app.Day` does (live table).
+        sleep: ``sleep(user_id)`` runs the night and returns its summary (the CLI's, as for
+            :class:`reverie.wake.app.Day`).
     """
-    from reverie.graphs.run import run_night
-    from reverie.training.versions import Versions
-
-    display = night_display or (lambda run: run(None, None))
     versions = Versions(settings.paths.versions)
     before = versions.active()
     pre, _ = evaluate(settings, runtime, user_id, f"{tag}-pre")
-    summary = display(lambda on_update, on_train: asyncio.run(run_night(
-        settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train)))
+    summary = sleep(user_id)
     if versions.active() != before:
-        runtime.reload()
+        runtime.reload(learned_folders(settings))
     post, _ = evaluate(settings, runtime, user_id, f"{tag}-post")
     result = CycleResult(tag, summary["night_id"], pre, post, compare(pre, post),
                          summary.get("forge", {}), summary)

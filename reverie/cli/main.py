@@ -189,13 +189,11 @@ def rollback(version: Optional[str] = typer.Argument(None, help="a version from 
 def ask(question: str, role: str = typer.Option("student", help="which role's model answers"),
         max_tokens: Optional[int] = typer.Option(None, help="generated-token limit")):
     """Ask a role's model one question and print the streamed answer (no memory, no logging)."""
-    from reverie.runtime.models import Runtime
-
     settings = state.settings()
     if role not in settings.roles:
         err.print(f"[red]error:[/red] unknown role {role!r} (known: {', '.join(settings.roles)})")
         raise typer.Exit(2)
-    runtime = Runtime(settings)
+    runtime = _runtime(settings)
     with _closing(runtime):
         model = runtime.chat_model(role)
         extra = {"max_tokens": max_tokens} if max_tokens else {}
@@ -222,9 +220,6 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
         raise typer.Exit(2)
     raise typer.Exit(ingest_command(files or [], user, format, sessions, force, sample,
                                     state.settings()))
-
-
-_STAGES = {"dream": "dreamer", "verify": "verifier", "reshape": "reshaper", "consult": "persona"}
 
 
 def _with_night_display(run):
@@ -285,6 +280,28 @@ def _with_night_display(run):
         return run(on_update, on_train)
 
 
+def _runtime(settings: Settings):
+    """A runtime on the active model version (the forge's promoted folder, if any)."""
+    from reverie.runtime.models import Runtime
+    from reverie.training.versions import learned_folders
+
+    return Runtime(settings, learned_folders(settings))
+
+
+def _sleeper(settings: Settings, runtime):
+    """The ``sleep(user_id)`` the CLI hands the day (chat, cycle): one night for that user
+    under the live display; returns its summary."""
+    import asyncio
+
+    from reverie.graphs.run import run_night
+
+    def sleep(user_id: str) -> dict:
+        return _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
+            settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train)))
+
+    return sleep
+
+
 @app.command()
 def night(resume: bool = typer.Option(False, "--resume", help="continue the latest killed night"),
           night_id: Optional[str] = typer.Option(None, "--night", help="with --resume: which night"),
@@ -300,7 +317,6 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
 
     from reverie.graphs.run import NightError, run_night
     from reverie.memory.daylog import DayLog
-    from reverie.runtime.models import Runtime
     from reverie.wake.app import night_report
     from reverie.wake.triggers import next_time, wait_until
 
@@ -322,7 +338,7 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
             wait_until(when, on_wait=lambda left: status.update(
                 f"night starts in {int(left) // 3600:d}h {int(left) % 3600 // 60:02d}m "
                 f"{int(left) % 60:02d}s"))
-    runtime = Runtime(settings)
+    runtime = _runtime(settings)
     with _closing(runtime, NightError):
         summary = _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
             settings, runtime=runtime, user_id=user, resume=night_id or resume,
@@ -464,7 +480,8 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
 
     settings = state.settings()
     user_id = _user(settings, user)
-    day = Day(settings, user_id, night_display=_with_night_display)
+    runtime = _runtime(settings)
+    day = Day(settings, user_id, runtime, sleep=_sleeper(settings, runtime))
     shown = _print_retrieved if rag_verbose else None
     with _closing(day):
         session = day.chat(rag)
@@ -542,12 +559,11 @@ def eval_(tag: str = typer.Option("", "--tag", help="names the run (file name an
                                              "to recall (default: wake.user)")):
     """Score the active model version: math, reasoning, factual, format, summarization,
     style, context, and recall of the user's learned facts (closed book, greedy)."""
-    from reverie.runtime.models import Runtime
     from reverie.wake.cycle import evaluate
 
     settings = state.settings()
     user_id = _user(settings, user)
-    runtime = Runtime(settings)
+    runtime = _runtime(settings)
     with _closing(runtime):
         with console.status("evaluating"):
             report, path = evaluate(settings, runtime, user_id, tag)
@@ -566,15 +582,14 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
           user: Optional[str] = typer.Option(None, "--user", "-u", help="whose day to sleep on "
                                              "(default: wake.user)")):
     """Evaluate, sleep, evaluate again: a before/after table, the experiment log, a plot."""
-    from reverie.runtime.models import Runtime
     from reverie.wake.app import night_report
     from reverie.wake.cycle import run_cycle
 
     settings = state.settings()
     user_id = _user(settings, user)
-    runtime = Runtime(settings)
+    runtime = _runtime(settings)
     with _closing(runtime):
-        result = run_cycle(settings, runtime, tag, user_id, night_display=_with_night_display)
+        result = run_cycle(settings, runtime, tag, user_id, sleep=_sleeper(settings, runtime))
     console.print(_scores_table(result.rows, f"cycle {tag}: night {result.night_id}"))
     forge = result.forge
     if forge.get("pre"):

@@ -10,7 +10,7 @@ other LangChain chat model can stand in for it.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, ClassVar, Iterator, Optional, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
@@ -113,6 +113,8 @@ class MLXChatModel(BaseChatModel):
     max_tokens: int = 256
     stop: Optional[list[str]] = None
     structured_attempts: int = 3
+    # structured.py binds a JSON schema as a decoding grammar on models that say so
+    constrains_decoding: ClassVar[bool] = True
 
     @property
     def _llm_type(self) -> str:

@@ -70,10 +70,15 @@ class Runtime:
 
     Args:
         settings: the configuration (models, roles, runtime).
+        folders: model name (a key of ``models.chat``) -> an mlx-lm folder to load instead
+            of the configured source, e.g. the version the forge promoted
+            (:func:`reverie.training.versions.learned_folders`). The runtime itself knows
+            nothing of versions.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, folders: dict[str, Path] | None = None):
         self.settings = settings
+        self.folders = dict(folders or {})
         self._models: dict[str, LoadedModel] = {}
         self._embedder = None
         self._lock = threading.Lock()
@@ -126,9 +131,12 @@ class Runtime:
         for loaded in self._models.values():
             loaded.engine.close()
 
-    def reload(self) -> None:
+    def reload(self, folders: dict[str, Path] | None = None) -> None:
         """Drop the loaded chat models (their engine threads stop), so the next use loads
-        them again, e.g. the version a night just promoted. The embedder stays loaded."""
+        them again, from ``folders`` when given (e.g. the version a night just promoted).
+        The embedder stays loaded."""
+        if folders is not None:
+            self.folders = dict(folders)
         self.release()
 
     def release(self, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -142,22 +150,10 @@ class Runtime:
                 self._models.pop(src).engine.close()
         return gone
 
-    def active_version(self, name: str) -> Path | None:
-        """The folder of the model version the forge promoted for model ``name`` (None when
-        the model has not learned anything yet, or is not the one the forge trains)."""
-        if name != self.settings.forge.model:
-            return None
-        from reverie.training.versions import Versions
-
-        versions = Versions(self.settings.paths.versions)
-        active = versions.active()
-        return versions.path(active) if active and active != "base" else None
-
     def _load(self, name: str, source: str) -> LoadedModel:
         rt = self.settings.runtime
-        learned = self.active_version(name)
-        if learned is not None:  # what the model learned at night (float32 mlx-lm folder)
-            source = str(learned)
+        if name in self.folders:  # e.g. what the model learned at night (mlx-lm folder)
+            source = str(self.folders[name])
         loaded = load_source(source, self.cache, rt.weights, field=f"models.chat.{name}")
         engine = Engine(loaded.model, list(loaded.tokenizer.eos_token_ids),
                         completion_batch_size=rt.completion_batch_size,

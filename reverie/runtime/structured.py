@@ -188,9 +188,7 @@ def structured(model, schema: type[BaseModel] | dict, role: str | None = None, a
     """
     from langchain_core.runnables import RunnableLambda
 
-    from reverie.runtime.chat_model import MLXChatModel
-
-    if isinstance(model, MLXChatModel):
+    if constrains_decoding(model):
         return model.with_structured_output(schema, role=role, attempts=attempts)
     try:
         inner = model.with_structured_output(schema, include_raw=True)
@@ -214,10 +212,15 @@ class StructuredReply:
         self.parsed, self.raw, self.attempts, self.usage = parsed, raw, attempts, usage
 
 
-def _raw_runnable(model, schema, grammar: dict | None):
-    from reverie.runtime.chat_model import MLXChatModel
+def constrains_decoding(model) -> bool:
+    """Whether ``model`` decodes under a JSON-schema grammar bound as ``json_schema=``
+    (:class:`~reverie.runtime.chat_model.MLXChatModel` does; other LangChain models use their
+    own ``with_structured_output``)."""
+    return bool(getattr(model, "constrains_decoding", False))
 
-    if isinstance(model, MLXChatModel):
+
+def _raw_runnable(model, schema, grammar: dict | None):
+    if constrains_decoding(model):
         return model.bind(json_schema=grammar or json_schema(schema))
     try:
         return model.with_structured_output(schema, include_raw=True)
