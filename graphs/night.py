@@ -38,7 +38,8 @@ from reverie.agents.persona import PersonaConsultant
 from reverie.agents.reshaper import Reshaper
 from reverie.agents.router import forget_requests, verbatim_chunks
 from reverie.agents.verifier import Verifier
-from reverie.memory.daylog import DayLog, atomic_write_text
+from reverie.files import atomic_write_text
+from reverie.memory.daylog import DayLog
 from reverie.memory.diary import Diary, DiaryStep
 from reverie.memory.facts import FactStore, MemoryIndex
 from reverie.memory.identity import Identity

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Iterable, Iterator, Optional
 
 from pydantic import ValidationError
 
+from reverie.files import atomic_write_text, stage_text
 from reverie.memory.records import Session, now
 
 CONSUMED_FILE = "consumed.jsonl"
@@ -56,21 +56,6 @@ def session_sort_key(session: Session) -> tuple:
     ``sorted`` is stable, so ties keep their order in the log."""
     started = _utc(session.started_at)
     return (started is None, started or datetime.min.replace(tzinfo=timezone.utc))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _raw_lines(path: Path) -> list[str]:
@@ -186,14 +171,8 @@ class DayLog:
         staged: list[tuple[Path, Path]] = []
         try:
             for path, new in by_file.items():
-                lines = _raw_lines(path) + [s.model_dump_json() for s in new]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-                staged.append((tmp, path))
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(_join(lines))
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                staged.append((stage_text(path, _join(_raw_lines(path) +
+                                                      [s.model_dump_json() for s in new])), path))
             for tmp, path in staged:
                 os.replace(tmp, path)
         finally:

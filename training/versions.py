@@ -29,7 +29,6 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
 
@@ -52,6 +51,7 @@ class UnknownVersion(KeyError, ValueError):
 
 # --------------------------------------------------------------------------- model folders
 
+from reverie.files import atomic_write_json, fsync_dir  # noqa: E402
 from reverie.runtime.folders import (  # noqa: E402  (re-exported: versions are model folders)
     _dequantized_weight, save_model_dir)
 
@@ -102,34 +102,6 @@ def fuse(model: nn.Module, dtype=mx.float32) -> nn.Module:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
 
 
 class Versions:
@@ -303,10 +275,10 @@ class Versions:
         record.update({k: v for k, v in info.items() if k not in record})
         for file in staging.rglob("*"):
             if file.is_file():
-                _fsync(file)
-        _write_json_atomic(staging / VERSION_FILE, record)
+                fsync_dir(file)
+        atomic_write_json(staging / VERSION_FILE, record)
         os.rename(staging, final)
-        _fsync(self.root)
+        fsync_dir(self.root)
         return final
 
     def save_model(self, name: str, model: nn.Module, tokenizer, parent: str | None = None,
@@ -345,7 +317,7 @@ class Versions:
         """Make ``name`` the active version: ``active.json`` is replaced atomically (readers
         see the old or the new name, never a torn file). Raises UnknownVersion."""
         self.path(name)
-        _write_json_atomic(self.root / ACTIVE_FILE,
+        atomic_write_json(self.root / ACTIVE_FILE,
                            {"name": name, "previous": self.active(), "activated_at": _now()})
 
     def rollback(self, to: str | None = None) -> str:

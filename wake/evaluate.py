@@ -25,7 +25,7 @@ from langchain_core.messages import HumanMessage
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from reverie.memory.daylog import atomic_write_text
+from reverie.files import atomic_write_text
 from reverie.training.gate import matches
 
 DATA = Path(__file__).resolve().parent / "data"
