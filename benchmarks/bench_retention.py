@@ -1,6 +1,6 @@
 """Memory formation against capability: which forge settings make facts stick and keep the mind.
 
-The night's own forge pieces (``reverie.training.dataset.build`` with the chat's frame, the model's
+The night's own forge pieces (``reverie.training.dataset.curate`` and ``complete`` with the chat's frame, the model's
 own rehearsal answers, ``reverie.training.lora.train_adapter``, ``fuse``, ``reverie.training.gate``) on 20
 invented facts about a user (``benchmarks/data/facts20.jsonl``: a question, a short answer
 and nine more phrasings each; the gate asks the last, checkpoint selection the next to
@@ -110,14 +110,15 @@ def chat_path(settings) -> None:
 
 
 def run_setting(name: str, overrides: dict, settings, base_cache: dict) -> dict:
-    from reverie.training import forge
+    from reverie.training import dataset, forge
 
     cfg = settings.forge.model_copy(update=overrides)
     t0 = time.perf_counter()
     model, tokenizer, source = load(settings)
     frame, identity = frame_and_identity()
     # every setting starts from the same base: its gate report and dev count are reused
-    trial = forge.train_and_gate(model, tokenizer, facts(), [], identity.core, cfg, frame,
+    curated = dataset.curate(facts(), [], identity.core, cfg, frame)
+    trial = forge.train_and_gate(model, tokenizer, curated, cfg, frame,
                                  ROOT / "data" / "bench-adapters" / name,
                                  pre=base_cache.get("pre"), dev_base=base_cache.get("dev"))
     base_cache["pre"] = trial.pre

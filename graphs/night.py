@@ -45,6 +45,8 @@ from reverie.memory.facts import FactStore, MemoryIndex
 from reverie.memory.identity import Identity
 from reverie.memory.records import Candidate, ForgetRequest, Memory, ParkedThought, Session, now
 from reverie.memory.store import MemoryStore
+from reverie.prompts import ChatFrame
+from reverie.training.dataset import curate
 
 
 def merge(old: dict | None, new: dict | None) -> dict:
@@ -84,7 +86,11 @@ class NightDeps:
     similarity: Callable[[str, str], float]
     diary: Diary
     training_dir: Path
-    learner: Optional[Callable[..., Any]] = None  # reverie.training.forge.learn, or None: no training
+    forge: Any  # ForgeConfig: how the training set is composed
+    frame: Optional[ChatFrame] = None  # the chat's prompt, which training rows are put in
+    # learner(night_id, training-set path) -> ForgeOutcome (reverie.training.forge.learn);
+    # None: the night stops at the training set
+    learner: Optional[Callable[[str, Path], Any]] = None
 
 
 # -- nodes -----------------------------------------------------------------------------
@@ -383,24 +389,10 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
 
 
 def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
-    """Tonight's training set (chat-format JSONL) for the trainer; sessions marked consumed."""
+    """Tonight's training set (:func:`reverie.training.dataset.curate`): tonight's memories,
+    the earlier ones due for replay, the identity items; written to the one file the forge
+    completes and trains on. Sessions are marked consumed."""
     deps, night_id = runtime.context, state["night_id"]
-    memories = [deps.store.get(i) for i in state["consolidation"]["added"]]
-    candidates = [Candidate.model_validate(c) for c in state.get("candidates", {}).values()]
-    rows = training_rows([m for m in memories if m is not None], candidates, deps.identity)
-    path = deps.training_dir / f"{night_id}.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    deps.daylog.mark_consumed([Session.model_validate(s) for s in state["sessions"]], night_id)
-    deps.diary.record(DiaryStep(step_id="handoff", night_id=night_id, agent="handoff",
-                                verdict=f"{len(rows)} training examples", raw_output=str(path)))
-    return {"training_set": str(path)}
-
-
-def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
-    """The forge: train on tonight's memories; promote the new version or roll back."""
-    deps, night_id = runtime.context, state["night_id"]
-    if deps.learner is None:
-        return {"forge": {"skipped": "forge disabled"}}
     added = set(state["consolidation"]["added"])
     tonight = [m for m in (deps.store.get(i) for i in sorted(added)) if m and not m.superseded_by]
     # a night for one user replays and checks only that user's earlier memories
@@ -409,7 +401,22 @@ def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     items = list(deps.identity.core) + [i for c in state.get("candidates", {}).values()
                                         if c["status"] == "approved"
                                         for i in Candidate.model_validate(c).identity_items]
-    outcome = deps.learner(night_id, tonight, earlier, items)
+    ts = curate(tonight, earlier, items, deps.forge, deps.frame)
+    path = ts.save(deps.training_dir / f"{night_id}.jsonl")
+    deps.daylog.mark_consumed([Session.model_validate(s) for s in state["sessions"]], night_id)
+    deps.diary.record(DiaryStep(step_id="handoff", night_id=night_id, agent="handoff",
+                                verdict=f"{len(ts.rows)} training examples, "
+                                        f"{len(ts.new_items)} held-out questions",
+                                raw_output=str(path), parsed=ts.counts))
+    return {"training_set": str(path)}
+
+
+def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
+    """The forge: train on tonight's memories; promote the new version or roll back."""
+    deps, night_id = runtime.context, state["night_id"]
+    if deps.learner is None:
+        return {"forge": {"skipped": "forge disabled"}}
+    outcome = deps.learner(night_id, Path(state["training_set"]))
     for memory_id in outcome.learned:
         m = deps.store.get(memory_id)
         if m is not None and m.status != "learned":
@@ -496,29 +503,6 @@ def decide(memory: Memory, deps: NightDeps) -> tuple[str, str]:
         elif sim >= night.duplicate_similarity:
             return "duplicate", other_id
     return "add", ""
-
-
-def training_rows(memories: list[Memory], candidates: list[Candidate], identity: Identity) -> list[dict]:
-    """Chat-format examples: each fact under each of its phrasings, each preference or rule,
-    and identity items (the shipped core plus what the persona consultant proposed)."""
-    rows = []
-    for m in memories:
-        if m.kind == "fact":
-            for q in dict.fromkeys([m.question, *m.phrasings]):
-                rows.append({"messages": [{"role": "user", "content": q},
-                                          {"role": "assistant", "content": m.answer}],
-                             "memory_id": m.id, "kind": "fact"})
-        else:
-            rows.append({"messages": [{"role": "user", "content": "What should you remember about me?"},
-                                      {"role": "assistant", "content": m.text}],
-                         "memory_id": m.id, "kind": m.kind})
-    items = list(identity.core) + [i for c in candidates if c.status == "approved"
-                                   for i in c.identity_items]
-    for item in {(i.question, i.answer): i for i in items}.values():
-        rows.append({"messages": [{"role": "user", "content": item.question},
-                                  {"role": "assistant", "content": item.answer}],
-                     "kind": "identity"})
-    return rows
 
 
 # -- the graph --------------------------------------------------------------------------

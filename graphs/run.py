@@ -24,7 +24,7 @@ from reverie.memory.diary import Diary, list_nights
 from reverie.memory.facts import FactStore, MemoryIndex
 from reverie.memory.identity import load_identity
 from reverie.memory.store import MemoryStore
-from reverie.prompts import load_prompt
+from reverie.prompts import chat_frame, load_prompt
 from reverie.config import Settings
 
 # Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
@@ -71,7 +71,9 @@ def build_deps(settings: Settings, night_id: str, models: dict, embedder,
         persona=PersonaConsultant(models["persona"], prompt("persona"), identity, attempts),
         identity=identity, daylog=DayLog(paths.days), store=MemoryStore(paths.memories_db),
         facts=FactStore(client, ef), index=index, similarity=similarity,
-        diary=Diary(paths.diary, night_id), training_dir=paths.training_sets, learner=learner)
+        diary=Diary(paths.diary, night_id), training_dir=paths.training_sets,
+        forge=settings.forge, frame=chat_frame(settings),
+        learner=learner)
 
 
 def unfinished_night(settings: Settings) -> Optional[str]:
@@ -98,7 +100,7 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
         on_update: called with (node name, its state update) as the graph runs.
         learner: ``True`` trains with :func:`reverie.training.forge.learn` when ``forge.enabled``;
             ``None``/``False`` stops at the training set; or a callable taking
-            ``(night_id, tonight, earlier, identity_items)`` and returning a ForgeOutcome.
+            ``(night_id, training-set path)`` and returning a ForgeOutcome.
         on_train: ``(step, total, loss, tokens_per_s)`` while the forge trains.
 
     Raises:
@@ -122,10 +124,10 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
     if learner is True:
         learner = None
         if settings.forge.enabled:
-            from reverie.training.forge import learn_in_thread
+            from reverie.training.forge import learn_in_thread  # mlx, only when it trains
 
-            def learner(night, tonight, earlier, items):
-                return learn_in_thread(settings, night, tonight, earlier, items, progress=on_train)
+            def learner(night, training_set):
+                return learn_in_thread(settings, night, training_set, progress=on_train)
     deps = build_deps(settings, night_id, models, embedder, learner or None)
     if resume:  # the store and the index are not written in one transaction: re-align them
         deps.index.sync(deps.store)

@@ -144,3 +144,13 @@ def load_chat_frame(identity: str, override_dir: Path | None = None) -> ChatFram
     """The chat's frame from ``chat.yaml`` (the user's copy first) and an identity's system
     prompt. Raises :class:`PromptError` as :func:`load_prompt`."""
     return ChatFrame(load_prompt("chat", CHAT_VARIABLES, override_dir), identity)
+
+
+def chat_frame(settings) -> ChatFrame:
+    """The day chat's frame for a :class:`reverie.config.Settings`: its prompt file (the
+    user's copy first) around the identity file's system prompt. What the chat asks in,
+    the night trains in and the gate asks in."""
+    from reverie.memory.identity import load_identity
+
+    identity = load_identity(settings.identity_file or settings.paths.identity)
+    return load_chat_frame(identity.system_prompt(), settings.prompts.dir)

@@ -52,6 +52,14 @@ def facts():
 IDENTITY = [IdentityItem(question="Who are you?", answer="I am Reverie.")]
 
 
+def handoff(settings, night_id):
+    """What the night's hand-off node writes: the curated set, in the chat's frame."""
+    from reverie.prompts import chat_frame
+
+    ts = dataset.curate(facts(), [], IDENTITY, settings.forge, chat_frame(settings))
+    return ts.save(settings.paths.training_sets / f"{night_id}.jsonl")
+
+
 def weights(folder):
     return dict(tree_flatten(mx.load(str(folder / "model.safetensors"))))
 
@@ -60,7 +68,7 @@ def test_destructive_learning_rate_is_rolled_back(settings):
     settings.forge.learning_rate = 1.0  # deliberately destructive
     settings.forge.warmup = 0
     before = weights(Versions(settings.paths.versions).path("base"))
-    outcome = learn(settings, "n1", facts(), [], IDENTITY)
+    outcome = learn(settings, "n1", handoff(settings, "n1"))
     assert not outcome.promoted and outcome.version is None
     assert any("held-out loss" in r for r in outcome.reasons), outcome.reasons
     versions = Versions(settings.paths.versions)
@@ -73,8 +81,17 @@ def test_destructive_learning_rate_is_rolled_back(settings):
 
 def test_gentle_training_is_promoted_and_rollback_restores_base(settings):
     settings.forge.learning_rate = 1e-5
-    outcome = learn(settings, "n2", facts(), [], IDENTITY)
+    path = handoff(settings, "n2")
+    outcome = learn(settings, "n2", path)
     assert outcome.promoted, outcome.reasons
+    # the hand-off file now holds exactly what was trained: completed with rehearsal rows
+    trained = dataset.TrainingSet.load(path)
+    assert trained.stage == "forge" and trained.counts == outcome.counts
+    for kind, part in (("rehearsal", "rehearsal"), ("identity", "identity")):
+        assert sum(r["kind"] == kind for r in trained.rows) == outcome.counts[part]
+    assert outcome.counts["identity"] > 1                   # repeated to forge.identity_share
+    assert len(trained.rows) == sum(outcome.counts[k] for k in
+                                    ("facts", "replay", "rehearsal", "identity"))
     versions = Versions(settings.paths.versions)
     assert versions.active() == "night-n2" and versions.lineage("night-n2") == ["base", "night-n2"]
     assert (settings.paths.adapters / "n2" / "adapter_config.json").exists()

@@ -14,6 +14,7 @@ from reverie.memory.diary import read_steps
 from reverie.memory.records import Message, Session
 from reverie.memory.store import MemoryStore
 from reverie.config import load_settings
+from reverie.training.dataset import TrainingSet
 
 from conftest import REPO
 
@@ -96,11 +97,24 @@ def test_passed_memories_become_training_data_and_sessions_are_consumed(settings
     assert (summary["approved"], summary["memories_added"]) == (1, 1)
     memories = MemoryStore(settings.paths.memories_db).list(user_id="me")
     assert [m.answer for m in memories] == ["Biscuit"] and memories[0].status == "verified"
-    rows = [json.loads(l) for l in open(summary["training_set"])]
+    # the hand-off file is the forge's training set: the dreamer's rephrasing is held out
+    # (marked, never trained), the question and templated rewordings are trained in the
+    # chat's frame, the identity core rides along
+    lines = [json.loads(l) for l in open(summary["training_set"])]
+    assert lines[0]["split"] == "meta" and lines[0]["stage"] == "handoff"
+    rows = [r for r in lines if r["split"] == "train"]
     facts = [r for r in rows if r["kind"] == "fact"]
-    assert {r["messages"][0]["content"] for r in facts} == {
-        "What is the user's dog called?", "What is the name of the user's dog?"}
+    trained = {r["messages"][-2]["content"] for r in facts}
+    assert "What is the user's dog called?" in trained
+    assert len(trained) == settings.forge.phrasings
+    assert all(r["messages"][0]["role"] == "system" and r["messages"][-1]["content"] == "Biscuit"
+               for r in facts)
+    held = [(l["question"], l["answers"]) for l in lines if l["split"] == "heldout"]
+    assert held == [("What is the name of the user's dog?", ["Biscuit"])]
+    assert held[0][0] not in trained
     assert any(r["kind"] == "identity" for r in rows)
+    ts = TrainingSet.load(summary["training_set"])
+    assert ts.new_ids == [memories[0].id] and ts.counts["facts"] == len(facts)
     assert log.unconsumed("me") == []
     # the diary names every agent, and the transcript is readable Markdown
     transcript = (settings.paths.diary / summary["night_id"] / "transcript.md").read_text()

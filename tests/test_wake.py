@@ -255,10 +255,15 @@ def test_a_night_for_one_user_reads_only_that_users_data(tmp_path, embedder, mod
     store.add(bobs_old)
     seen = {}
 
-    def learner(night_id, tonight, earlier, items):
+    def learner(night_id, training_set):
+        from reverie.training.dataset import TrainingSet
         from reverie.training.forge import ForgeOutcome
 
-        seen["tonight"], seen["earlier"] = tonight, earlier
+        ts = TrainingSet.load(training_set)
+        ids = {r["memory_id"] for r in ts.rows if r.get("memory_id")}
+        seen["tonight"] = [store.get(i) for i in ts.new_ids]
+        seen["earlier"] = [store.get(i) for i in ids - set(ts.new_ids)]
+        seen["regression"] = [q for q, _ in ts.regression_items]
         return ForgeOutcome(False, None, "base", reasons=["test"])
 
     dreamer = Recorder(responses=[_fact("What is the user's dog called?", "Biscuit")])
@@ -275,5 +280,6 @@ def test_a_night_for_one_user_reads_only_that_users_data(tmp_path, embedder, mod
     assert [m.answer for m in seen["tonight"]] == ["Biscuit"]
     assert all(m.user_id == "ana" for m in seen["tonight"] + seen["earlier"])
     assert bobs_old.id not in {m.id for m in seen["earlier"]}     # not replayed into ana's night
+    assert bobs_old.question not in seen["regression"]           # nor checked in her gate
     assert {m.user_id for m in store.list()} == {"ana", "bob"}
     assert [m.answer for m in store.list(user_id="bob")] == ["Acme"]

@@ -1,5 +1,11 @@
 """The night's training set: facts under several phrasings, identity, replay, rehearsal.
 
+One builder, two stages, one file (``<data_dir>/training/<night>.jsonl``): the night's
+hand-off node writes what it curated (:func:`curate`), the forge completes it with the
+model's own rehearsal answers (:func:`complete`), writes it back and trains on exactly
+what the file then holds; held-out, dev and regression questions are in the file, marked
+and never trained on.
+
 - Facts: each under its question and phrasings (the dreamer's, then templated rewordings up
   to ``forge.phrasings``); one of the dreamer's phrasings is held out for validation and
   never trained on. Several phrasings are needed for a fact to be extractable, not just
@@ -15,9 +21,12 @@
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from reverie.files import atomic_write_jsonl
 from reverie.memory.records import IdentityItem, Memory
 from reverie.prompts import question_turns
 
@@ -110,12 +119,26 @@ def rehearsal_count(n_fact_rows: int, cfg) -> int:
     return max(round(cfg.rehearsal_ratio * n_fact_rows), cfg.rehearsal_min)
 
 
+SPLITS = ("train", "heldout", "dev", "regression")
+
+
 @dataclass
 class TrainingSet:
-    """Rows for training and validation items. ``new_items`` are (held-out question,
-    [answer]) of tonight's facts; ``dev_items`` (dev question, [answer]) of the same facts,
-    for checkpoint selection; ``regression_items`` (question, [answer]) of earlier learned
-    facts."""
+    """One night's training set, as the hand-off file holds it.
+
+    Attributes:
+        rows: chat rows ``{"messages", "kind"[, "memory_id", "teacher", "replay",
+            "written"]}``, in training order once complete.
+        new_items: ``(held-out question, [answer])`` of tonight's facts: the gate's recall
+            test, never trained on; ``new_ids`` are their memory ids, in the same order.
+        dev_items: ``(dev question, [answer])`` of the same facts, for checkpoint selection.
+        regression_items: ``(question, [answer])`` of earlier learned facts.
+        replayed: ids of the earlier memories replayed tonight.
+        stage: ``"handoff"`` (curated by the night: facts, replay, identity once each) or
+            ``"forge"`` (completed: rehearsal added, identity repeated, shuffled: exactly
+            what was trained).
+        counts: rows per part (facts, replay, rehearsal, identity, held_out, regression).
+    """
 
     rows: list[dict]
     new_items: list[tuple[str, list[str]]]
@@ -123,34 +146,116 @@ class TrainingSet:
     dev_items: list[tuple[str, list[str]]] = field(default_factory=list)
     replayed: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
+    new_ids: list[str] = field(default_factory=list)
+    stage: str = "handoff"
+
+    def lines(self) -> list[dict]:
+        """The file's lines: a ``"meta"`` line (stage, counts, replayed), then every row
+        with ``"split": "train"``, then the held-out, dev and regression questions, each
+        ``{"split", "question", "answers"[, "memory_id"]}``: never trained on."""
+        out = [{"split": "meta", "stage": self.stage, "counts": self.counts,
+                "replayed": self.replayed}]
+        out += [{"split": "train", **r} for r in self.rows]
+        for split, items, ids in (("heldout", self.new_items, self.new_ids),
+                                  ("dev", self.dev_items, self.new_ids),
+                                  ("regression", self.regression_items, [])):
+            for n, (question, answers) in enumerate(items):
+                extra = {"memory_id": ids[n]} if n < len(ids) else {}
+                out.append({"split": split, "question": question, "answers": answers, **extra})
+        return out
+
+    def save(self, path: Path) -> Path:
+        """Write the set to ``path`` (JSON Lines, atomically); returns ``path``."""
+        atomic_write_jsonl(Path(path), self.lines())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainingSet":
+        """Read a set written by :meth:`save`.
+
+        Raises:
+            ValueError: a line is not JSON or has no known ``split``; names file and line.
+        """
+        ts = cls([], [], [])
+        items = {"heldout": ts.new_items, "dev": ts.dev_items, "regression": ts.regression_items}
+        for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+                split = line.pop("split")
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise ValueError(f"{path}:{number}: not a training-set line ({exc})") from exc
+            if split == "meta":
+                ts.stage, ts.counts = line.get("stage", "handoff"), line.get("counts", {})
+                ts.replayed = list(line.get("replayed", []))
+            elif split == "train":
+                ts.rows.append(line)
+            elif split in items:
+                items[split].append((line["question"], list(line["answers"])))
+                if split == "heldout" and "memory_id" in line:
+                    ts.new_ids.append(line["memory_id"])
+            else:
+                raise ValueError(f"{path}:{number}: unknown split {split!r} "
+                                 f"(known: meta, {', '.join(SPLITS)})")
+        return ts
 
 
-def build(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityItem],
-          rehearsal: list[dict], cfg, seed: int = 0, frame=None) -> TrainingSet:
-    """Compose the set. ``rehearsal`` rows are the model's own chat answers (already
-    generated, already framed); ``cfg`` is the ``forge`` config; ``frame`` the chat's
-    :class:`reverie.prompts.ChatFrame` every other row's question is put in, so the model learns
-    in the prompt it is asked in. Rows are shuffled with ``seed``."""
-    fact_rows, new_items, dev_items = [], [], []
+def curate(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityItem], cfg,
+           frame=None) -> TrainingSet:
+    """What the night hands the forge (stage ``"handoff"``): tonight's memories under their
+    training phrasings (held-out and dev questions apart), the earlier memories most due
+    for replay, and each identity item once (duplicates dropped). ``cfg`` is the ``forge``
+    config; ``frame`` the chat's :class:`reverie.prompts.ChatFrame` every question is put
+    in, so the model learns in the prompt it is asked in."""
+    fact_rows, new_items, dev_items, new_ids = [], [], [], []
     for m in tonight:
         rows, held = memory_rows(m, cfg.phrasings, frame)
         fact_rows += rows
         if held:
             new_items.append((held, [m.answer]))
             dev_items.append((split_phrasings(m, cfg.phrasings).dev, [m.answer]))
+            new_ids.append(m.id)
     replayed = choose_replay(earlier, cfg.replay_max)
-    replay_rows = [r for m in replayed for r in memory_rows(m, cfg.phrasings, frame)[0]]
+    replay_rows = [{**r, "replay": True} for m in replayed
+                   for r in memory_rows(m, cfg.phrasings, frame)[0]]
     regression = [(m.question, [m.answer]) for m in earlier
                   if m.kind == "fact" and m.status == "learned"]
-    n_rehearsal = min(len(rehearsal), rehearsal_count(len(fact_rows), cfg))
-    rehearsal_rows = rehearsal[:n_rehearsal]
-    core = [chat_row(i.question, i.answer, "identity", frame=frame) for i in identity]
+    unique = {(i.question, i.answer): i for i in identity}.values()
+    core = [chat_row(i.question, i.answer, "identity", frame=frame) for i in unique]
+    return TrainingSet(fact_rows + replay_rows + core, new_items, regression, dev_items,
+                       [m.id for m in replayed],
+                       {"facts": len(fact_rows), "replay": len(replay_rows), "rehearsal": 0,
+                        "identity": len(core), "held_out": len(new_items),
+                        "regression": len(regression)}, new_ids)
+
+
+def complete(curated: TrainingSet, rehearsal: list[dict], cfg, seed: int = 0) -> TrainingSet:
+    """The set the forge trains on (stage ``"forge"``): ``curated``'s rows, the first
+    :func:`rehearsal_count` of the ``rehearsal`` rows (the model's own chat answers, already
+    framed), identity rows repeated to ``cfg.identity_share`` of the whole, shuffled with
+    ``seed``.
+
+    Raises:
+        ValueError: ``curated`` is already complete (its identity rows would be repeated
+            twice).
+    """
+    if curated.stage != "handoff":
+        raise ValueError(f"the training set is already complete (stage {curated.stage!r})")
+    core = [r for r in curated.rows if r["kind"] == "identity"]
+    replay_rows = [r for r in curated.rows if r.get("replay")]
+    fact_rows = [r for r in curated.rows if r["kind"] != "identity" and not r.get("replay")]
+    rehearsal_rows = rehearsal[:min(len(rehearsal), rehearsal_count(len(fact_rows), cfg))]
     body = len(fact_rows) + len(replay_rows) + len(rehearsal_rows)
     n_identity = round(cfg.identity_share * body / (1 - cfg.identity_share)) if core else 0
     identity_rows = [core[i % len(core)] for i in range(n_identity)]
     rows = fact_rows + replay_rows + rehearsal_rows + identity_rows
     random.Random(seed).shuffle(rows)
-    return TrainingSet(rows, new_items, regression, dev_items, [m.id for m in replayed],
-                       {"facts": len(fact_rows), "replay": len(replay_rows),
-                        "rehearsal": len(rehearsal_rows), "identity": len(identity_rows),
-                        "held_out": len(new_items), "regression": len(regression)})
+    counts = {**curated.counts, "rehearsal": len(rehearsal_rows), "identity": len(identity_rows)}
+    return replace(curated, rows=rows, counts=counts, stage="forge")
+
+
+def build(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityItem],
+          rehearsal: list[dict], cfg, seed: int = 0, frame=None) -> TrainingSet:
+    """:func:`curate` then :func:`complete`, in one call."""
+    return complete(curate(tonight, earlier, identity, cfg, frame), rehearsal, cfg, seed)

@@ -14,10 +14,10 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from reverie.memory.identity import load_identity
-from reverie.prompts import ChatFrame, load_chat_frame
+from reverie.prompts import ChatFrame, chat_frame
 from reverie.config import Settings
 from reverie.runtime import sources
 from reverie.training import dataset, gate
@@ -50,13 +50,6 @@ def lora_args(cfg) -> LoraArgs:
                     max_seq_length=cfg.max_seq_length, seed=cfg.seed, kl_weight=cfg.kl_weight,
                     keys=cfg.lora_keys, placement=cfg.placement, select_every=cfg.select_every,
                     context_weight=cfg.context_weight)
-
-
-def chat_frame(settings: Settings) -> ChatFrame:
-    """The day chat's frame (its prompt file and the identity's system prompt): what the
-    night trains in and the gate asks in."""
-    identity = load_identity(settings.identity_file or settings.paths.identity)
-    return load_chat_frame(identity.system_prompt(), settings.prompts.dir)
 
 
 def dev_selector(tokenizer, dev_items, dev_probe, max_loss: float, frame: ChatFrame | None,
@@ -152,28 +145,35 @@ class Trial:
     dev_base: int | None = None
 
 
-def train_and_gate(model, tokenizer, tonight, earlier, identity_items, cfg, frame: ChatFrame,
+def train_and_gate(model, tokenizer, curated: dataset.TrainingSet, cfg, frame: ChatFrame,
                    adapter_dir, progress=None, pre: gate.GateReport | None = None,
-                   dev_base: int | None = None) -> Trial:
-    """Rehearsal answers, the training set (framed by ``frame``), the gate before, LoRA
+                   dev_base: int | None = None, path=None) -> Trial:
+    """Complete the training set (rehearsal answers, self targets), the gate before, LoRA
     (with checkpoint selection when ``cfg.select_every``), fuse, the gate after, decide.
 
     Args:
+        curated: the night's hand-off (:func:`reverie.training.dataset.curate`); a set
+            already complete (a resumed night's) is trained as it is.
         cfg: the ``forge`` config.
         adapter_dir: where the adapter is written (replaced if present).
         pre, dev_base: the gate's report and the dev probe's count on this very model, when
             the caller already has them (a benchmark trying settings from one base); None:
             measured here.
+        path: the hand-off file: the completed set is written back to it and trained as
+            read from it, so the file is what the model learned from.
 
     Returns:
         :class:`Trial`; nothing is promoted here (:func:`learn` does that).
     """
-    n_facts = sum(len(dataset.memory_rows(m, cfg.phrasings)[0]) for m in tonight)
-    rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(n_facts, cfg),
-                               frame=frame)
-    ts = dataset.build(tonight, earlier, identity_items, rehearsal, cfg, cfg.seed, frame)
-    if cfg.self_targets:
-        ts.rows, ts.counts["self_targets"] = self_targets(model, tokenizer, ts.rows)
+    ts = curated
+    if ts.stage == "handoff":
+        rehearsal = rehearsal_rows(model, tokenizer,
+                                   dataset.rehearsal_count(ts.counts["facts"], cfg), frame=frame)
+        ts = dataset.complete(ts, rehearsal, cfg, cfg.seed)
+        if cfg.self_targets:
+            ts.rows, ts.counts["self_targets"] = self_targets(model, tokenizer, ts.rows)
+        if path is not None:
+            ts = dataset.TrainingSet.load(ts.save(path))
     probe, general = gate.probe_items("gate"), gate.general_rows()
     if pre is None:
         pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
@@ -192,32 +192,31 @@ def train_and_gate(model, tokenizer, tonight, earlier, identity_items, cfg, fram
     return Trial(ts, pre, post, result, promote, reasons, dev_base)
 
 
-def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
+def learn(settings: Settings, night_id: str, training_set: Path,
           progress: Callable[[int, int, float, float], None] | None = None) -> ForgeOutcome:
-    """Train on tonight's memories and promote the result if the gate passes.
+    """Train on the night's hand-off and promote the result if the gate passes.
 
     Args:
-        tonight: tonight's verified :class:`~reverie.memory.records.Memory` objects.
-        earlier: earlier nights' memories (verified or learned, not superseded): replay and
-            the regression set.
-        identity_items: identity Q&A pairs for the "old core".
+        training_set: the hand-off file (:meth:`reverie.training.dataset.TrainingSet.save`);
+            completed in place with the rehearsal rows before training.
         progress: ``(step, total, loss, tokens_per_s)`` during training.
 
     Returns:
-        The outcome; ``learned`` lists tonight's and replayed memory ids answered right on
-        held-out phrasings after promotion.
+        The outcome; ``learned`` lists tonight's memory ids answered right on their
+        held-out questions after promotion.
     """
     t0 = time.perf_counter()
     cfg = settings.forge
     versions = Versions(settings.paths.versions)
     parent = ensure_base(settings, versions)
-    if not tonight:
+    curated = dataset.TrainingSet.load(training_set)
+    if not curated.counts.get("facts"):
         return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
     name = f"night-{night_id}"
     adapter_dir = settings.paths.adapters / night_id
-    trial = train_and_gate(model, tokenizer, tonight, earlier, identity_items, cfg,
-                           chat_frame(settings), adapter_dir, progress=progress)
+    trial = train_and_gate(model, tokenizer, curated, cfg, chat_frame(settings), adapter_dir,
+                           progress=progress, path=training_set)
     ts, pre, post, result, promote, reasons = (trial.training_set, trial.pre, trial.post,
                                                trial.result, trial.promote, trial.reasons)
     outcome = ForgeOutcome(False, None, parent, counts=ts.counts, replayed=ts.replayed)
@@ -240,8 +239,8 @@ def learn(settings: Settings, night_id: str, tonight, earlier, identity_items,
         versions.prune(cfg.keep_versions)
         outcome.promoted, outcome.version = True, name
         right = {d["question"] for d in post.details["new"] if d["correct"]}
-        outcome.learned = [m.id for m in tonight if any(q in right for q in
-                                                        dataset.phrasings_for(m, cfg.phrasings)[1:] if q)]
+        outcome.learned = [memory_id for (question, _), memory_id in zip(ts.new_items, ts.new_ids)
+                           if question in right]
     outcome.seconds = round(time.perf_counter() - t0, 1)
     log_experiment(settings, night_id, outcome)
     return outcome

@@ -37,7 +37,7 @@ def evaluate(settings: Settings, runtime, user_id: str | None,
     if user_id:
         with MemoryStore(settings.paths.memories_db) as store:
             items += memory_items(store, user_id, settings.forge.phrasings)
-    from reverie.training.forge import chat_frame
+    from reverie.prompts import chat_frame
 
     report = run_eval(model, items, tag=tag, user_id=user_id,
                       max_concurrency=settings.night.max_concurrency, frame=chat_frame(settings))
