@@ -7,10 +7,13 @@
                         passed ─▶ consult (persona) ────────────────────┘─────────────────┘
                         nothing left ─▶ consolidate ─▶ park ─▶ handoff ─▶ learn (forge) ─▶ END
 
-Independent agent calls fan out with ``Send`` so the local model batches them. State is
-plain JSON (records are dumped), checkpointed after every step by LangGraph's SQLite
-checkpointer: a night killed at any point resumes without repeating finished agent calls,
-and every id is deterministic so consolidation never adds a memory twice.
+Independent agent calls fan out with ``Send`` (a :class:`DreamTask` or :class:`ReviewTask`
+each) so the local model batches them. The state holds pydantic records (sessions,
+candidates, forget requests, parked thoughts, the consolidation's and the subconscious'
+outcomes), checkpointed after every step by LangGraph's SQLite checkpointer, which revives
+them as the same classes (:data:`STATE_RECORDS`): a night killed at any point resumes
+without repeating finished agent calls, and every id is deterministic so consolidation
+never adds a memory twice.
 
 The subconscious: *park* keeps what tonight rejected (not for being already known) or the
 persona vetoed as parked thoughts in the memory store; on the user's next nights *revisit*
@@ -27,11 +30,12 @@ import operator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypedDict
+from typing import Annotated, Any, Callable, Literal, Optional, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Send
+from pydantic import BaseModel, Field
 
 from reverie.agents.dreamer import Dreamer, windows
 from reverie.agents.persona import PersonaConsultant
@@ -54,19 +58,69 @@ def merge(old: dict | None, new: dict | None) -> dict:
     return {**(old or {}), **(new or {})}
 
 
+class Consolidation(BaseModel):
+    """What :func:`consolidate` did, as memory ids: ``added`` (new, or superseding),
+    ``superseded`` (the old ones), ``duplicates`` (existing ones seen again), ``deleted``
+    (on a forget request), ``dropped`` (approved tonight but asked to be forgotten), and
+    ``revived``: revisited candidate id -> the memory it became or joined."""
+
+    added: list[str] = Field(default_factory=list)
+    superseded: list[str] = Field(default_factory=list)
+    duplicates: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+    dropped: list[str] = Field(default_factory=list)
+    revived: dict[str, str] = Field(default_factory=dict)
+
+
+class Subconscious(BaseModel):
+    """What :func:`park` did, as parked-thought ids (see its docstring for each outcome)."""
+
+    parked: list[str] = Field(default_factory=list)
+    revived: list[str] = Field(default_factory=list)
+    known: list[str] = Field(default_factory=list)
+    forgotten: list[str] = Field(default_factory=list)
+    expired: list[str] = Field(default_factory=list)
+    kept: list[str] = Field(default_factory=list)
+
+
+class DreamTask(BaseModel):
+    """One dreamer call: window ``window`` of ``session``, burst ``burst``."""
+
+    night_id: str
+    session: Session
+    window: int
+    burst: int
+
+
+class ReviewTask(BaseModel):
+    """One verify, reshape or consult call on ``candidate``, read against its ``session``."""
+
+    night_id: str
+    candidate: Candidate
+    session: Session
+
+
 class NightState(TypedDict, total=False):
+    """The night's checkpointed state. The caller gives ``night_id``, ``user_id`` (None:
+    every user) and ``include_consumed``; each node adds what its docstring says."""
+
     night_id: str
     user_id: Optional[str]
     include_consumed: bool
-    sessions: list[dict]
-    forget: list[dict]
+    sessions: list[Session]                  # gather
+    parked: list[ParkedThought]              # revisit: tonight's users' parked thoughts
+    forget: list[ForgetRequest]              # route
     routed_chunks: Annotated[int, operator.add]
-    candidates: Annotated[dict[str, dict], merge]
-    parked: list[dict]  # tonight's users' parked thoughts as revisit read them
-    consolidation: dict
-    subconscious: dict  # what park did: thought ids parked, revived, kept, expired, ...
-    training_set: str
-    forge: dict
+    candidates: Annotated[dict[str, Candidate], merge]  # dream, revisit, verify, reshape, consult
+    consolidation: Consolidation             # consolidate
+    subconscious: Subconscious               # park
+    training_set: str                        # handoff: the hand-off file
+    forge: dict                              # learn: the ForgeOutcome's fields
+
+
+# The classes the checkpointer may revive (its msgpack allowlist).
+STATE_RECORDS = (Session, Candidate, ForgetRequest, ParkedThought, Consolidation, Subconscious,
+                 DreamTask, ReviewTask)
 
 
 @dataclass
@@ -102,7 +156,7 @@ def gather(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     deps.diary.record(DiaryStep(step_id="gather", night_id=state["night_id"], agent="gather",
                                 verdict=f"{len(sessions)} sessions",
                                 parsed=[s.session_id for s in sessions]))
-    return {"sessions": [s.model_dump(mode="json") for s in sessions]}
+    return {"sessions": sessions}
 
 
 # A parked thought is revisited only against new user turns at least this close (cosine,
@@ -117,13 +171,13 @@ def revisit(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     so the verifier judges it on new evidence. A thought with no such turn is not
     revisited; :func:`park` ages it."""
     deps, night_id = runtime.context, state["night_id"]
-    sessions = [Session.model_validate(s) for s in state.get("sessions", [])]
+    sessions = state.get("sessions", [])
     snapshot, candidates = [], {}
     for user in sorted({s.user_id for s in sessions}):  # a user's thoughts, their turns only
         turns = [(s, m) for s in sessions if s.user_id == user for m in s.messages
                  if m.role == "user"]
         for p in deps.store.parked(user):
-            snapshot.append(p.model_dump(mode="json"))
+            snapshot.append(p)
             scored = sorted(((deps.similarity(p.statement(), m.content), i)
                              for i, (_, m) in enumerate(turns)), key=lambda x: (-x[0], x[1]))
             if not scored or scored[0][0] < REVISIT_SIMILARITY:
@@ -139,7 +193,7 @@ def revisit(state: NightState, runtime: Runtime[NightDeps]) -> dict:
                                                   "parked_in": p.night_id,
                                                   "nights_seen": p.nights_seen,
                                                   "reasons": p.reasons}])
-            candidates[c.id] = c.model_dump(mode="json")
+            candidates[c.id] = c
             deps.diary.record(DiaryStep(
                 step_id=f"revisit:{p.id}", night_id=night_id, agent="subconscious",
                 candidate_id=c.id, session_id=session.session_id, verdict="revisit",
@@ -154,12 +208,11 @@ def route(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     """Verbatim material to the fact store; the user's forget requests noted."""
     deps = runtime.context
     routed, forget = 0, []
-    for raw in state["sessions"]:
-        session = Session.model_validate(raw)
+    for session in state["sessions"]:
         chunks = verbatim_chunks(session, deps.night.verbatim_min_chars)
         new = deps.facts.add(chunks)
         requests = forget_requests(session)
-        forget += [r.model_dump() for r in requests]
+        forget += requests
         routed += len(chunks)
         deps.diary.record(DiaryStep(
             step_id=f"route:{session.session_id}", night_id=state["night_id"], agent="router",
@@ -170,26 +223,27 @@ def route(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     return {"routed_chunks": routed, "forget": forget}
 
 
-def fan_out_dreams(state: NightState, runtime: Runtime[NightDeps]) -> list[Send] | str:
+def fan_out_dreams(state: NightState, runtime: Runtime[NightDeps]) -> list[Send] | Literal["triage"]:
+    """A :class:`DreamTask` per session window and burst, or on to triage (no sessions)."""
     night = runtime.context.night
-    sends = [Send("dream", {"night_id": state["night_id"], "session": raw, "window": w,
-                            "burst": b})
-             for raw in state["sessions"]
-             for w in range(len(windows(Session.model_validate(raw), night.window_turns)))
+    sends = [Send("dream", DreamTask(night_id=state["night_id"], session=session, window=w,
+                                     burst=b))
+             for session in state["sessions"]
+             for w in range(len(windows(session, night.window_turns)))
              for b in range(night.dream_bursts)]
     return sends or "triage"
 
 
-async def dream(task: dict, runtime: Runtime[NightDeps]) -> dict:
-    deps = runtime.context
-    session = Session.model_validate(task["session"])
-    window = windows(session, deps.night.window_turns)[task["window"]]
-    prefix = f"{session.session_id}:w{task['window']}:b{task['burst']}"
-    candidates, result = await deps.dreamer.dream(session, window, task["night_id"], prefix)
-    deps.diary.record(DiaryStep(step_id=f"dream:{prefix}", night_id=task["night_id"],
+async def dream(task: DreamTask, runtime: Runtime[NightDeps]) -> dict:
+    """The dreamer on one window: its candidates (``pending``) into ``candidates``."""
+    deps, session = runtime.context, task.session
+    window = windows(session, deps.night.window_turns)[task.window]
+    prefix = f"{session.session_id}:w{task.window}:b{task.burst}"
+    candidates, result = await deps.dreamer.dream(session, window, task.night_id, prefix)
+    deps.diary.record(DiaryStep(step_id=f"dream:{prefix}", night_id=task.night_id,
                                 agent="dreamer", session_id=session.session_id,
                                 verdict=f"{len(candidates)} candidates", **result.diary_fields()))
-    return {"candidates": {c.id: c.model_dump(mode="json") for c in candidates}}
+    return {"candidates": {c.id: c for c in candidates}}
 
 
 def triage(state: NightState) -> dict:
@@ -197,60 +251,67 @@ def triage(state: NightState) -> dict:
     return {}
 
 
-def next_work(state: NightState) -> list[Send] | str:
-    """Verify the pending, reshape the failed, consult on the passed; else consolidate."""
-    sessions = {s["session_id"]: s for s in state.get("sessions", [])}
-    node = {"pending": "verify", "failed": "reshape", "passed": "consult"}
-    sends = [Send(node[c["status"]], {"night_id": state["night_id"], "candidate": c,
-                                      "session": sessions[c["session_id"]]})
-             for c in state.get("candidates", {}).values() if c["status"] in node]
+# Which node takes a candidate in each status (the others are settled).
+REVIEW = {"pending": "verify", "failed": "reshape", "passed": "consult"}
+
+
+def next_work(state: NightState) -> list[Send] | Literal["consolidate"]:
+    """A :class:`ReviewTask` per unsettled candidate: verify the pending, reshape the
+    failed, consult on the passed; when every candidate is settled, consolidate."""
+    sessions = {s.session_id: s for s in state.get("sessions", [])}
+    sends = [Send(REVIEW[c.status], ReviewTask(night_id=state["night_id"], candidate=c,
+                                               session=sessions[c.session_id]))
+             for c in state.get("candidates", {}).values() if c.status in REVIEW]
     return sends or "consolidate"
 
 
-async def verify(task: dict, runtime: Runtime[NightDeps]) -> dict:
-    deps = runtime.context
-    before = Candidate.model_validate(task["candidate"])
-    after, result = await deps.verifier.verify(before, Session.model_validate(task["session"]))
+async def verify(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
+    """The verifier on a pending candidate: ``passed``, ``failed`` (to reshape) or
+    ``rejected``, with its scores and reasons."""
+    deps, before = runtime.context, task.candidate
+    after, result = await deps.verifier.verify(before, task.session)
     deps.diary.record(DiaryStep(
-        step_id=f"verify:{after.id}:{before.round}", night_id=task["night_id"], agent="verifier",
+        step_id=f"verify:{after.id}:{before.round}", night_id=task.night_id, agent="verifier",
         candidate_id=after.id, session_id=after.session_id, round=before.round,
         scores=after.scores.model_dump(), verdict=after.status, reasons=after.reasons,
         **result.diary_fields()))
-    return {"candidates": {after.id: after.model_dump(mode="json")}}
+    return {"candidates": {after.id: after}}
 
 
-async def reshape(task: dict, runtime: Runtime[NightDeps]) -> dict:
-    deps = runtime.context
-    before = Candidate.model_validate(task["candidate"])
-    after, result = await deps.reshaper.reshape(before, Session.model_validate(task["session"]))
+async def reshape(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
+    """The reshaper on a failed candidate: rewritten and ``pending`` again (next round), or
+    ``rejected`` once ``night.reshape_rounds`` are spent."""
+    deps, before = runtime.context, task.candidate
+    after, result = await deps.reshaper.reshape(before, task.session)
     deps.diary.record(DiaryStep(
-        step_id=f"reshape:{after.id}:{before.round}", night_id=task["night_id"], agent="reshaper",
+        step_id=f"reshape:{after.id}:{before.round}", night_id=task.night_id, agent="reshaper",
         candidate_id=after.id, session_id=after.session_id, round=before.round,
         verdict="reshaped" if after.status == "pending" else after.status,
         reasons=before.reasons, **result.diary_fields()))
-    return {"candidates": {after.id: after.model_dump(mode="json")}}
+    return {"candidates": {after.id: after}}
 
 
-async def consult(task: dict, runtime: Runtime[NightDeps]) -> dict:
+async def consult(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
+    """The persona consultant on a passed candidate: ``approved`` (with any identity items
+    it proposes) or ``vetoed``."""
     deps = runtime.context
-    after, result = await deps.persona.review(Candidate.model_validate(task["candidate"]))
+    after, result = await deps.persona.review(task.candidate)
     deps.diary.record(DiaryStep(
-        step_id=f"persona:{after.id}", night_id=task["night_id"], agent="persona",
+        step_id=f"persona:{after.id}", night_id=task.night_id, agent="persona",
         candidate_id=after.id, session_id=after.session_id,
         verdict="approve" if after.status == "approved" else "veto",
         reasons=[after.persona_note] if after.persona_note else [], **result.diary_fields()))
-    return {"candidates": {after.id: after.model_dump(mode="json")}}
+    return {"candidates": {after.id: after}}
 
 
 def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     """Memory operations: add, supersede a contradicted fact (old kept and linked),
     merge duplicates, and delete what the user explicitly asked to forget."""
     deps, night_id = runtime.context, state["night_id"]
-    ops = {"added": [], "superseded": [], "duplicates": [], "deleted": [], "dropped": [],
-           "revived": {}}  # revisited candidate id -> the memory it became (or joined)
-    forget = [ForgetRequest.model_validate(f) for f in state.get("forget", [])]
-    approved = sorted((Candidate.model_validate(c) for c in state.get("candidates", {}).values()
-                       if c["status"] == "approved"), key=lambda c: c.id)
+    ops = Consolidation()
+    forget = state.get("forget", [])
+    approved = sorted((c for c in state.get("candidates", {}).values() if c.status == "approved"),
+                      key=lambda c: c.id)
 
     def log(op: str, memory_id: str, text: str, reasons: list[str] = ()):
         deps.diary.record(DiaryStep(step_id=f"consolidate:{op}:{memory_id}", night_id=night_id,
@@ -263,18 +324,18 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
                     memory_id, reason=f"forget request in {request.session_id}/{request.turn_id}",
                     request=request.text):
                 deps.index.remove(memory_id)
-                ops["deleted"].append(memory_id)
+                ops.deleted.append(memory_id)
                 log("delete", memory_id, request.text, [f"similarity {sim:.2f} to '{request.target}'"])
 
     for c in approved:
         memory = to_memory(c)
         if deps.store.get(memory.id) is not None:  # a resumed night: done already
             if c.revives:
-                ops["revived"][c.id] = memory.id
+                ops.revived[c.id] = memory.id
             continue
         hit = forget_hit(forget, c.user_id, c.statement(), deps)
         if hit:
-            ops["dropped"].append(memory.id)
+            ops.dropped.append(memory.id)
             log("dropped", memory.id, c.statement(), [f"the user asked to forget: {hit.text}"])
             continue
         op, other = decide(memory, deps)
@@ -283,24 +344,24 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             existing.associated = sorted(set(existing.associated) | {f"{c.session_id}:{t}" for t in c.cites})
             deps.store.update(existing, reason=f"seen again in {c.session_id} (night {night_id})"
                               + (f"; {revived_note(c)}" if c.revives else ""))
-            ops["duplicates"].append(other)
+            ops.duplicates.append(other)
             if c.revives:
-                ops["revived"][c.id] = other
+                ops.revived[c.id] = other
             log("duplicate", other, c.statement(), [f"same as {other}"])
             continue
         if op == "supersede":
             deps.store.supersede(other, memory, reason=f"contradicted by {c.session_id} "
                                  f"({', '.join(c.cites)}) in night {night_id}")
             deps.index.upsert(deps.store.get(other))
-            ops["superseded"].append(other)
+            ops.superseded.append(other)
             log("supersede", memory.id, memory.statement(), [f"supersedes {other}"])
         else:
             deps.store.add(memory)
             log("add", memory.id, memory.statement())
         deps.index.upsert(memory)
-        ops["added"].append(memory.id)
+        ops.added.append(memory.id)
         if c.revives:
-            ops["revived"][c.id] = memory.id
+            ops.revived[c.id] = memory.id
     return {"consolidation": ops}
 
 
@@ -317,13 +378,12 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     night repeats none."""
     deps, night_id = runtime.context, state["night_id"]
     night, ops = deps.night, state["consolidation"]
-    cands = sorted((Candidate.model_validate(c) for c in state.get("candidates", {}).values()),
-                   key=lambda c: c.id)
-    forget = [ForgetRequest.model_validate(f) for f in state.get("forget", [])]
-    out = {"parked": [], "revived": [], "known": [], "forgotten": [], "expired": [], "kept": []}
+    cands = sorted(state.get("candidates", {}).values(), key=lambda c: c.id)
+    forget = state.get("forget", [])
+    out = Subconscious()
 
     def log(op: str, p: ParkedThought, reasons: list[str], **fields) -> None:
-        out[op].append(p.id)
+        getattr(out, op).append(p.id)
         deps.diary.record(DiaryStep(step_id=f"park:{op}:{p.id}", night_id=night_id,
                                     agent="subconscious", verdict=op, raw_output=p.statement(),
                                     reasons=reasons, **fields))
@@ -332,7 +392,7 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         return c.status == "rejected" and c.scores.novelty < night.min_novelty
 
     revisits = {c.revives: c for c in cands if c.revives}
-    for p in (ParkedThought.model_validate(x) for x in state.get("parked", [])):
+    for p in state.get("parked", []):
         c = revisits.get(p.id)
         fields = {"candidate_id": c.id, "session_id": c.session_id} if c else {}
         if hit := forget_hit(forget, p.user_id, p.statement(), deps):
@@ -340,11 +400,11 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             log("forgotten", p, [f"the user asked to forget: {hit.text}"], **fields)
         elif c and c.status == "approved":
             deps.store.remove_parked(p.id)
-            if memory_id(c.id) in ops["dropped"]:  # consolidate dropped it on a forget request
+            if memory_id(c.id) in ops.dropped:  # consolidate dropped it on a forget request
                 log("forgotten", p, ["dropped at consolidation: the user asked to forget it"],
                     **fields)
             else:
-                memory = ops["revived"].get(c.id, memory_id(c.id))
+                memory = ops.revived.get(c.id, memory_id(c.id))
                 log("revived", p, [f"{revived_note(c)} into memory {memory}"],
                     memory_id=memory, **fields)
         elif c and known(c):
@@ -366,8 +426,7 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
                     "nights_seen": seen, "last_night": night_id, "reasons": reasons}), why)
             log("kept", p, [f"{why}; nights seen {seen}/{p.expires_after}", *reasons], **fields)
 
-    taken = {(p["user_id"], p["kind"], _norm(ParkedThought.model_validate(p).statement()))
-             for p in state.get("parked", [])}
+    taken = {(p.user_id, p.kind, _norm(p.statement())) for p in state.get("parked", [])}
     taken |= {(c.user_id, c.kind, _norm(c.statement())) for c in cands if c.status == "approved"}
     for c in cands:
         if c.revives or c.status not in ("rejected", "vetoed") or known(c):
@@ -393,17 +452,16 @@ def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     the earlier ones due for replay, the identity items; written to the one file the forge
     completes and trains on. Sessions are marked consumed."""
     deps, night_id = runtime.context, state["night_id"]
-    added = set(state["consolidation"]["added"])
+    added = set(state["consolidation"].added)
     tonight = [m for m in (deps.store.get(i) for i in sorted(added)) if m and not m.superseded_by]
     # a night for one user replays and checks only that user's earlier memories
     earlier = [m for m in deps.store.list(user_id=state.get("user_id"), status=["verified", "learned"])
                if m.id not in added]
     items = list(deps.identity.core) + [i for c in state.get("candidates", {}).values()
-                                        if c["status"] == "approved"
-                                        for i in Candidate.model_validate(c).identity_items]
+                                        if c.status == "approved" for i in c.identity_items]
     ts = curate(tonight, earlier, items, deps.forge, deps.frame)
     path = ts.save(deps.training_dir / f"{night_id}.jsonl")
-    deps.daylog.mark_consumed([Session.model_validate(s) for s in state["sessions"]], night_id)
+    deps.daylog.mark_consumed(state["sessions"], night_id)
     deps.diary.record(DiaryStep(step_id="handoff", night_id=night_id, agent="handoff",
                                 verdict=f"{len(ts.rows)} training examples, "
                                         f"{len(ts.new_items)} held-out questions",

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import aiosqlite
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from reverie.agents.dreamer import Dreamer
@@ -18,7 +20,8 @@ from reverie.agents.reshaper import VARIABLES as RESHAPER_VARS
 from reverie.agents.reshaper import Reshaper
 from reverie.agents.verifier import VARIABLES as VERIFIER_VARS
 from reverie.agents.verifier import Verifier
-from reverie.graphs.night import NightDeps, build_graph, new_night_id
+from reverie.graphs.night import (STATE_RECORDS, Consolidation, NightDeps, Subconscious,
+                                  build_graph, new_night_id)
 from reverie.memory.daylog import DayLog
 from reverie.memory.diary import Diary, list_nights
 from reverie.memory.facts import FactStore, MemoryIndex
@@ -140,7 +143,9 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
               "max_concurrency": settings.night.max_concurrency, "recursion_limit": 200}
     settings.paths.nights_db.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    async with AsyncSqliteSaver.from_conn_string(str(settings.paths.nights_db)) as saver:
+    serde = JsonPlusSerializer(allowed_msgpack_modules=STATE_RECORDS)
+    async with aiosqlite.connect(str(settings.paths.nights_db)) as conn:
+        saver = AsyncSqliteSaver(conn, serde=serde)
         graph = build_graph().compile(checkpointer=saver)
         if resume:
             snapshot = await graph.aget_state(config)
@@ -159,29 +164,29 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
 def summarize(state: dict, seconds: float) -> dict:
     """The night's counts (the diary adds time and tokens per agent)."""
     cands = list(state.get("candidates", {}).values())
-    ops = state.get("consolidation", {})
-    sub = state.get("subconscious", {})
-    count = lambda status: sum(c["status"] == status for c in cands)  # noqa: E731
+    ops = state.get("consolidation") or Consolidation()
+    sub = state.get("subconscious") or Subconscious()
+    count = lambda status: sum(c.status == status for c in cands)  # noqa: E731
     return {
         "sessions": len(state.get("sessions", [])),
         "candidates": len(cands),
         "passed": sum(any(h.get("agent") == "verifier" and h.get("status") == "passed"
-                          for h in c["history"]) for c in cands),
-        "reshaped": sum(c["round"] > 0 for c in cands),
+                          for h in c.history) for c in cands),
+        "reshaped": sum(c.round > 0 for c in cands),
         "rejected": count("rejected"),
         "vetoed": count("vetoed"),
         "approved": count("approved"),
         "facts_routed": state.get("routed_chunks", 0),
         "forget_requests": len(state.get("forget", [])),
-        "memories_added": len(ops.get("added", [])),
-        "superseded": len(ops.get("superseded", [])),
-        "duplicates": len(ops.get("duplicates", [])),
-        "deleted": len(ops.get("deleted", [])),
-        "dropped_on_request": len(ops.get("dropped", [])),
-        "parked": len(sub.get("parked", [])),
-        "revisited": sum(bool(c.get("revives")) for c in cands),
-        "revived": len(sub.get("revived", [])),
-        "expired": len(sub.get("expired", [])),
+        "memories_added": len(ops.added),
+        "superseded": len(ops.superseded),
+        "duplicates": len(ops.duplicates),
+        "deleted": len(ops.deleted),
+        "dropped_on_request": len(ops.dropped),
+        "parked": len(sub.parked),
+        "revisited": sum(bool(c.revives) for c in cands),
+        "revived": len(sub.revived),
+        "expired": len(sub.expired),
         "training_set": state.get("training_set", ""),
         "forge": {k: v for k, v in state.get("forge", {}).items() if k not in ("losses",)},
         "seconds": round(seconds, 1),

@@ -259,7 +259,7 @@ def _with_night_display(run):
                 verdicts["chunks"] += update.get("routed_chunks", 0)
                 verdicts["forget"] += len(update.get("forget", []))
             elif node == "consolidate":
-                ops = update.get("consolidation", {})
+                ops = update["consolidation"].model_dump()
                 verdicts["ops"] = ", ".join(f"{len(v)} {k}" for k, v in ops.items())
             elif node == "handoff":
                 verdicts["training"] = update.get("training_set", "")
@@ -269,7 +269,7 @@ def _with_night_display(run):
                                      f.get("skipped") or "; ".join(f.get("reasons", [])) or
                                      "rolled back")
             for c in update.get("candidates", {}).values():
-                key = {"dream": "candidates", "reshape": "reshaped"}.get(node, c["status"])
+                key = {"dream": "candidates", "reshape": "reshaped"}.get(node, c.status)
                 verdicts[key] += 1
             live.update(render())
 
