@@ -42,7 +42,7 @@ SETTINGS: dict[str, dict] = {
     "phrasings8": {"phrasings": 8, "select_every": 25},
     "lr2e-4": {"learning_rate": 2e-4, "select_every": 25},
     "middle8": {"placement": "middle", "num_layers": 8, "select_every": 25},
-    "attn": {"lora_keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "attn": {"keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                            "self_attn.o_proj"], "select_every": 25},
     "rank4": {"rank": 4, "select_every": 25},
     "nokl": {"kl_weight": 0.0, "select_every": 25},

@@ -94,7 +94,17 @@ class NightConfig(_Strict):
 
 
 class ForgeConfig(_Strict):
-    """The forge: tonight's memories become weights, behind a validation gate."""
+    """The forge: tonight's memories become weights, behind a validation gate. The LoRA
+    hyper-parameters here are :class:`reverie.training.lora.LoraArgs`' fields of the same
+    names (mlx-lm's terms) and their defaults."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        for old, new in RENAMED_FORGE_KEYS.items():
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"forge.{old} is now forge.{new} (mlx-lm's name)")
+        return data
 
     enabled: bool = True
     model: str = "default"
@@ -104,10 +114,10 @@ class ForgeConfig(_Strict):
     rehearsal_min: int = Field(40, ge=0)
     replay_max: int = Field(20, ge=0)
     rank: int = Field(16, ge=1)
-    alpha: float = Field(20.0, gt=0.0)
+    scale: float = Field(20.0, gt=0.0)
     num_layers: int = Field(4, ge=1)
     placement: Literal["last", "middle"] = "last"
-    lora_keys: list[str] | None = None
+    keys: list[str] | None = None
     kl_weight: float = Field(1.0, ge=0.0)
     context_weight: float = Field(0.0, ge=0.0)
     self_targets: bool = False
@@ -125,6 +135,10 @@ class ForgeConfig(_Strict):
     max_capability_loss: float = Field(0.03, ge=0.0, le=1.0)
     min_regression_keep: float = Field(0.9, ge=0.0, le=1.0)
     max_loss_increase: float = Field(0.25, ge=0.0)
+
+
+# Keys renamed to mlx-lm's terms: an old config gets told the new name.
+RENAMED_FORGE_KEYS = {"alpha": "scale", "lora_keys": "keys"}
 
 
 class WakeConfig(_Strict):

@@ -39,6 +39,29 @@ def test_unknown_key_and_bad_role_model_name_the_field(tmp_path):
         load_settings(bad)
 
 
+def test_renamed_forge_keys_name_the_new_one(tmp_path):
+    old = tmp_path / "c.yaml"
+    old.write_text("forge:\n  alpha: 16\n")
+    with pytest.raises(ConfigError, match=r"forge.alpha is now forge.scale"):
+        load_settings(old)
+
+
+def test_lora_args_take_the_forge_config(tmp_path):
+    from dataclasses import fields
+
+    from reverie.config import ForgeConfig
+    from reverie.training.lora import LoraArgs
+
+    shared = {f.name for f in fields(LoraArgs)} & set(ForgeConfig.model_fields)
+    assert {"rank", "scale", "num_layers", "epochs", "max_iters", "kl_weight", "keys"} <= shared
+    defaults = LoraArgs()
+    assert all(getattr(defaults, k) == getattr(ForgeConfig(), k) for k in shared)
+    cfg = ForgeConfig(rank=3, scale=7.0, num_layers=1, keys=["self_attn.q_proj"])
+    args = LoraArgs.from_config(cfg, max_iters=9)
+    assert (args.rank, args.scale, args.num_layers, args.keys, args.max_iters) == (
+        3, 7.0, 1, ["self_attn.q_proj"], 9)
+
+
 def test_relative_paths_follow_the_config_file(tmp_path):
     cfg = tmp_path / "sub" / "c.yaml"
     cfg.parent.mkdir()

@@ -194,7 +194,7 @@ def test_iterate_batches_uses_every_example():
 # --------------------------------------------------------------------------- training
 
 
-SMALL = dict(rank=4, scale=20.0, num_layers=2, learning_rate=1e-3, warmup=2, batch_size=4,
+SMALL = dict(rank=4, scale=20.0, num_layers=2, kl_weight=0.0, learning_rate=1e-3, warmup=2, batch_size=4,
              epochs=5.0, min_iters=1, max_iters=100, max_seq_length=128, seed=3)
 
 

@@ -20,7 +20,7 @@ from reverie.prompts import load_chat_frame
 from reverie.training import dataset, forge, gate, lora
 from reverie.training.lora import Checkpoint, LoraArgs, best_checkpoint, train_adapter
 
-SMALL = dict(rank=4, scale=20.0, num_layers=2, learning_rate=1e-3, warmup=2, batch_size=4,
+SMALL = dict(rank=4, scale=20.0, num_layers=2, kl_weight=0.0, learning_rate=1e-3, warmup=2, batch_size=4,
              epochs=5.0, min_iters=1, max_iters=100, max_seq_length=160, seed=3)
 
 

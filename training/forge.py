@@ -42,16 +42,6 @@ class ForgeOutcome:
     seconds: float = 0.0
 
 
-def lora_args(cfg) -> LoraArgs:
-    """LoRA settings from the ``forge`` config (alpha is mlx-lm's ``scale``)."""
-    return LoraArgs(rank=cfg.rank, scale=cfg.alpha, num_layers=cfg.num_layers,
-                    learning_rate=cfg.learning_rate, warmup=cfg.warmup, batch_size=cfg.batch_size,
-                    epochs=cfg.epochs, min_iters=cfg.min_iters, max_iters=cfg.max_iters,
-                    max_seq_length=cfg.max_seq_length, seed=cfg.seed, kl_weight=cfg.kl_weight,
-                    keys=cfg.lora_keys, placement=cfg.placement, select_every=cfg.select_every,
-                    context_weight=cfg.context_weight)
-
-
 def dev_selector(tokenizer, dev_items, dev_probe, max_loss: float, frame: ChatFrame | None,
                  base_probe: int):
     """A checkpoint scorer for :func:`reverie.training.lora.train_adapter`: recall of tonight's
@@ -184,7 +174,7 @@ def train_and_gate(model, tokenizer, curated: dataset.TrainingSet, cfg, frame: C
             dev_base = round(gate.recall(model, tokenizer, dev_probe, frame)[0] * len(dev_probe))
         select = dev_selector(tokenizer, ts.dev_items, dev_probe, cfg.max_capability_loss, frame,
                               dev_base)
-    result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]), lora_args(cfg),
+    result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]), LoraArgs.from_config(cfg),
                            adapter_dir, progress=progress, overwrite=True, select=select)
     fuse(model)
     post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
