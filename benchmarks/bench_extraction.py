@@ -425,10 +425,10 @@ def render(result: dict, label: str, run_info: dict | None) -> str:
 def load_embedder(config: Path | None):
     from reverie.config import load_settings
     from reverie.runtime.embeddings import Embedder
-    from reverie.runtime.models import resolve_embedding_dir
+    from reverie.runtime.sources import embedding_folder
 
     settings = load_settings(config)
-    return Embedder.load(resolve_embedding_dir(settings.models.embedding, model_cache(config)))
+    return Embedder.load(embedding_folder(settings.models.embedding, model_cache(config)))
 
 
 def main() -> None:

@@ -64,9 +64,9 @@ def main(config: Optional[Path] = typer.Option(None, "--config", "-c", help="con
 
 
 def _embedded_in_use(settings: Settings) -> list[fetch.EmbeddedModel]:
-    sources = list(settings.models.chat.values()) + [settings.models.embedding]
-    names = {s.split(":", 1)[1] for s in sources if s.startswith("embedded:")}
-    return [m for n, m in fetch.EMBEDDED.items() if n in names]
+    from reverie.runtime.sources import embedded_in
+
+    return embedded_in(list(settings.models.chat.values()) + [settings.models.embedding])
 
 
 @models_app.command("pull")
@@ -133,10 +133,12 @@ def models_list():
     rows = [(name, "chat", src, [r for r, c in settings.roles.items() if c.model == name])
             for name, src in settings.models.chat.items()]
     rows.append(("embedding", "embedding", settings.models.embedding, ["memory, retrieval"]))
+    from reverie.runtime.sources import embedded_in, is_embedded
+
     embedded = []  # their provenance is printed under the table
     for name, kind, src, roles in rows:
-        if src.startswith("embedded:"):
-            model = fetch.EMBEDDED.get(src.split(":", 1)[1])
+        if is_embedded(src):
+            model = next(iter(embedded_in([src])), None)
             embedded += [model] if model else []
             where = fetch.model_dir(cache, model) if model else None
             cached = bool(model and fetch.is_cached(cache, model))
@@ -144,7 +146,7 @@ def models_list():
             where = Path(src).expanduser()
             cached = where.exists()
         size = _human(_size(where)) if cached and where else "-"
-        table.add_row(name, kind, src, "yes" if cached else ("no" if src.startswith("embedded:")
+        table.add_row(name, kind, src, "yes" if cached else ("no" if is_embedded(src)
                                                              or Path(src).suffix else "hub"),
                       size, ", ".join(roles) or "-")
     console.print(table)

@@ -19,9 +19,8 @@ from typing import Any
 from reverie.runtime import blas
 
 from reverie.config import Settings
-from reverie.runtime import fetch
 from reverie.runtime.engine import Engine
-from reverie.runtime.sources import embedded, is_embedded, load_source
+from reverie.runtime.sources import embedding_folder, load_source
 
 
 @dataclass
@@ -119,7 +118,7 @@ class Runtime:
         with self._lock:
             if self._embedder is None:
                 source = self.settings.models.embedding
-                self._embedder = Embedder.load(resolve_embedding_dir(source, self.cache))
+                self._embedder = Embedder.load(embedding_folder(source, self.cache))
             return self._embedder
 
     @property
@@ -162,13 +161,3 @@ class Runtime:
                         prefix_cache_tokens=rt.prefix_cache_tokens)
         return LoadedModel(name, source, loaded.model, loaded.tokenizer, engine,
                            loaded.quantized, loaded.path)
-
-
-def resolve_embedding_dir(source: str, cache: Path) -> Path:
-    """The folder of the embedding model ``source`` (``embedded:<name>`` is fetched first)."""
-    if is_embedded(source):
-        return fetch.ensure_model(cache, embedded(source, "models.embedding"))
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"models.embedding: no model folder at {path}")
-    return path

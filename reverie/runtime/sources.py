@@ -59,13 +59,16 @@ def keep_quantized(weights: str) -> bool:
     return weights == "quantized"
 
 
+EMBEDDED_PREFIX = "embedded:"
+
+
 def embedded(source: str, field: str = "models.chat") -> fetch.EmbeddedModel:
     """The :class:`~reverie.runtime.fetch.EmbeddedModel` of an ``embedded:<name>`` source.
 
     Raises:
         ModelSourceError: no embedded model of that name.
     """
-    key = source.split(":", 1)[1]
+    key = source[len(EMBEDDED_PREFIX):]
     if key not in fetch.EMBEDDED:
         raise ModelSourceError(f"{field}: unknown embedded model {key!r} "
                                f"(known: {', '.join(fetch.EMBEDDED)})")
@@ -74,7 +77,29 @@ def embedded(source: str, field: str = "models.chat") -> fetch.EmbeddedModel:
 
 def is_embedded(source: str) -> bool:
     """Whether ``source`` names an embedded model (``embedded:<name>``)."""
-    return source.startswith("embedded:")
+    return source.startswith(EMBEDDED_PREFIX)
+
+
+def embedded_in(sources: list[str]) -> list[fetch.EmbeddedModel]:
+    """The known embedded models that ``sources`` name, in :data:`fetch.EMBEDDED` order
+    (unknown names are left to :func:`embedded` to report where they are loaded)."""
+    names = {s[len(EMBEDDED_PREFIX):] for s in sources if is_embedded(s)}
+    return [m for n, m in fetch.EMBEDDED.items() if n in names]
+
+
+def embedding_folder(source: str, cache: Path) -> Path:
+    """The folder of the embedding model ``source`` (``embedded:<name>`` is fetched first).
+
+    Raises:
+        ModelSourceError: an unknown embedded name.
+        FileNotFoundError: no folder at a path source.
+    """
+    if is_embedded(source):
+        return fetch.ensure_model(cache, embedded(source, "models.embedding"))
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"models.embedding: no model folder at {path}")
+    return path
 
 
 def prepare_embedded(model: fetch.EmbeddedModel, cache: Path,
