@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.prompts import ChatPromptTemplate
@@ -27,7 +27,6 @@ class AgentCall:
     output_tokens: int = 0
     attempts: int = 1
     error: str = ""
-    diary: dict = field(default_factory=dict)
 
     def diary_fields(self) -> dict:
         return {"model": self.model, "temperature": self.temperature, "prompt": self.prompt,

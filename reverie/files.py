@@ -67,6 +67,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move the complete folder ``src`` to ``dst`` (same file system). An existing ``dst``
+    is first renamed aside and removed only after ``src`` took its place, so ``dst`` is at
+    every moment the old folder, the new one, or (between two renames) absent; never a mix.
+
+    Raises:
+        OSError: a rename failed (``src`` is left where it was).
+    """
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        src.replace(dst)
+    else:
+        import shutil
+        import tempfile
+
+        aside = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}-", dir=dst.parent))
+        dst.replace(aside / dst.name)
+        src.replace(dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(dst.parent)
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Replace ``path`` with ``data`` as indented JSON, atomically (see
     :func:`atomic_write_text`)."""

@@ -7,7 +7,7 @@ blocks with a loss on the answer tokens only, and writes the adapter (``adapters
 + ``adapter_config.json``) atomically: into a hidden temporary folder first, moved into place
 when complete, so a crash never leaves half an adapter.
 
-Sources and measured facts (``/work/shared/FINDINGS.md``):
+Sources and measured facts (the team's FINDINGS, ``shared/FINDINGS.md`` beside the checkout):
 
 - mlx-lm 0.32: ``linear_to_lora_layers(model, num_layers, {"rank", "scale", "dropout"})``
   (the key is ``scale``, not ``alpha``), ``mlx_lm.tuner.trainer.train`` with a plain list of
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from reverie.config import ForgeConfig
+from reverie.files import replace_folder
 from reverie.runtime import blas  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
@@ -675,25 +676,146 @@ def _versions() -> dict:
     return out
 
 
+def encode_train_set(model: nn.Module, tokenizer, rows: Sequence[Any], args: LoraArgs
+                     ) -> tuple[list[tuple[list[int], int, int, int]], TeacherTable | None]:
+    """The training examples ``(token ids, answer offset, distil flag, teacher slot)`` of
+    the usable ``rows`` (:func:`encode_examples`), and the in-context teacher's table when
+    ``args.context_weight`` is above 0 (scored by ``model`` as it is now, before any LoRA).
+    The distil flag marks rehearsal rows when ``args.kl_weight`` is above 0."""
+    encoded = _encode(tokenizer, rows, args.max_seq_length)
+    teacher, slots = None, [0] * len(encoded)
+    if args.context_weight > 0:
+        teacher, slots = teacher_table(model, tokenizer, [row for _, row in encoded],
+                                       [pair for pair, _ in encoded], args.teacher_top_k)
+    distil = args.kl_weight > 0
+    return [(ids, off, int(distil and isinstance(row, dict) and row.get("kind") == "rehearsal"),
+             slot) for ((ids, off), row), slot in zip(encoded, slots)], teacher
+
+
+class CheckpointSelector:
+    """Early stopping with checkpoint selection: ``select`` scores the model every
+    ``every`` steps (and at the end); a copy of the LoRA weights of the best checkpoint so
+    far (:func:`best_checkpoint`) is kept and restored by :meth:`finish`."""
+
+    def __init__(self, select: Select | None, every: int):
+        self.select, self.every = select, every if select is not None else 0
+        self.checkpoints: list[Checkpoint] = []
+        self.kept_step: int | None = None
+        self._weights: list = []
+
+    def after_step(self, model: nn.Module, step: int, last: int) -> None:
+        if self.every and (step % self.every == 0 or step == last):
+            self._score(model, step)
+
+    def _score(self, model: nn.Module, step: int) -> None:
+        from mlx.utils import tree_flatten
+
+        model.eval()
+        self.checkpoints.append(self.select(model, step))
+        model.train()
+        if best_checkpoint(self.checkpoints) is self.checkpoints[-1]:  # copy only a new best
+            self.kept_step = step
+            self._weights = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
+            mx.eval([v for _, v in self._weights])
+
+    def finish(self, model: nn.Module, last: int, weights_file: Path) -> int:
+        """Score the last step if it was not, restore the best weights into ``model`` and
+        ``weights_file``; returns the kept step (``last`` without selection)."""
+        if not self.every:
+            return last
+        if not self.checkpoints or self.checkpoints[-1].step != last:
+            self._score(model, last)
+        if self.kept_step != last:
+            model.load_weights(self._weights, strict=False)
+            mx.save_safetensors(str(weights_file), dict(self._weights))
+        return self.kept_step
+
+
+def _reporter(iters: int, report_every: int, progress: Progress | None,
+              selector: CheckpointSelector, model: nn.Module):
+    """mlx-lm's training callback: records each report's loss and learning rate, answer
+    tokens and step time (leaving out the first report, which holds the compile), calls
+    ``progress`` and lets ``selector`` score the step."""
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    class Reporter(TrainingCallback):
+        def __init__(self):
+            self.losses: list[float] = []
+            self.rates: list[float] = []
+            self.seconds, self.tokens, self.counted_tokens, self.step = 0.0, 0, 0, 0
+
+        @property
+        def tokens_per_second(self) -> float:
+            return self.counted_tokens / self.seconds if self.seconds else 0.0
+
+        def on_train_loss_report(self, info: dict):
+            self.losses.append(float(info["train_loss"]))
+            self.rates.append(float(info["learning_rate"]))
+            tokens, step = int(info["trained_tokens"]), int(info["iteration"])
+            if len(self.losses) > 1 or iters <= report_every:
+                self.seconds += (step - self.step) / max(float(info["iterations_per_second"]), 1e-12)
+                self.counted_tokens += tokens - self.tokens
+            self.tokens, self.step = tokens, step
+            if progress is not None:
+                progress(step, iters, self.losses[-1], float(info["tokens_per_second"]))
+            selector.after_step(model, step, iters)
+
+    return Reporter()
+
+
+def adapter_config(args: LoraArgs, result: TrainResult, blocks: list[int], warmup: int,
+                   counts: dict, started: str) -> dict:
+    """``adapter_config.json``: mlx-lm's keys (``fine_tune_type``, ``num_layers``,
+    ``lora_parameters``), so ``mlx_lm.load(model, adapter_path=...)`` reads it, plus a
+    ``"reverie"`` block with every hyper-parameter, the run's counts, losses and times."""
+    distil = args.kl_weight > 0
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": args.num_layers,
+        "lora_parameters": args.lora_parameters(),
+        "reverie": {
+            **asdict(args),
+            "iterations": result.iterations,
+            "lora_blocks": blocks,
+            "checkpoints": [asdict(c) for c in result.checkpoints],
+            "kept_step": result.kept_step,
+            "warmup_steps": warmup,
+            "schedule": "linear warm-up from 0, then cosine decay",
+            "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
+                          "weight_decay": args.weight_decay},
+            "loss": ("cross-entropy on answer tokens; rehearsal rows: kl_weight x "
+                     "KL(base || adapted) (reverie.training.lora.distil_loss)") if distil else
+                    "cross-entropy on answer tokens only (reverie.training.lora.masked_loss)",
+            **counts,
+            "train_loss": result.train_loss,
+            "val_loss_before": result.val_loss_before,
+            "val_loss": result.val_loss,
+            "trained_tokens": result.trained_tokens,
+            "tokens_per_second": result.tokens_per_second,
+            "losses": result.losses,
+            "started_at": started,
+            "finished_at": _now(),
+            "versions": _versions(),
+        },
+    }
+
+
 def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
                   val_rows: Sequence[Any], args: LoraArgs, out_dir: Path,
                   progress: Progress | None = None, overwrite: bool = False,
                   quiet: bool = True, select: Select | None = None) -> TrainResult:
     """Train a LoRA adapter on chat-format rows and save it atomically to ``out_dir``.
 
-    Freezes ``model``, adds LoRA layers to its last ``args.num_layers`` blocks
-    (``mlx_lm.tuner.utils.linear_to_lora_layers``), and trains them with AdamW (warm-up then
-    cosine decay, :func:`learning_rate_schedule`) through ``mlx_lm.tuner.trainer.train`` for
-    :func:`iterations` steps, with :func:`masked_loss` (answer tokens only) and
-    :func:`iterate_batches` (every example, seeded order). The model is modified in place and
-    left in eval mode with its trained LoRA layers (``reverie.training.versions.fuse`` merges them).
-
-    The adapter is written to a hidden folder next to ``out_dir`` and renamed to ``out_dir``
-    only when ``adapters.safetensors`` and ``adapter_config.json`` are complete; on any
-    error that folder is removed. ``adapter_config.json`` has mlx-lm's keys
-    (``fine_tune_type``, ``num_layers``, ``lora_parameters``), so
-    ``mlx_lm.load(model, adapter_path=out_dir)`` reads it, plus a ``"reverie"`` block with
-    every hyper-parameter, the iterations, example counts, seed, losses and timestamps.
+    Steps: encode the rows (:func:`encode_train_set`); freeze ``model`` and add LoRA layers
+    (:func:`add_lora`); train them with AdamW (warm-up then cosine decay,
+    :func:`learning_rate_schedule`) through ``mlx_lm.tuner.trainer.train`` for
+    :func:`iterations` steps, with :func:`masked_loss` (answer tokens only) or
+    :func:`distil_loss` and :func:`iterate_batches` (every example, seeded order); restore
+    the best checkpoint (:class:`CheckpointSelector`); write the adapter and its
+    :func:`adapter_config` into a hidden folder beside ``out_dir`` and move it into place
+    only when complete (:func:`reverie.files.replace_folder`). The model is modified in
+    place and left in eval mode with its trained LoRA layers
+    (``reverie.training.versions.fuse`` merges them).
 
     Args:
         model: an mlx-lm model (float or quantized: QLoRA) without LoRA layers.
@@ -702,7 +824,7 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
         val_rows: rows for the validation loss before and after training (may be empty).
         args: hyper-parameters.
         out_dir: the adapter folder to create (its parent is created if needed).
-        progress: ``progress(step, total, loss, answer_tokens_per_s)`` after every step.
+        progress: ``progress(step, total, loss, answer_tokens_per_s)`` after every report.
         overwrite: replace an existing ``out_dir`` (after the new adapter is complete).
         quiet: hide mlx-lm's own console progress output.
         select: scores a checkpoint (:data:`Select`); with ``args.select_every`` above 0
@@ -716,23 +838,13 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
         ValueError: malformed rows (see :func:`encode_examples`) or no usable example.
         Whatever ``progress`` raises (the run stops, nothing is written to ``out_dir``).
     """
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"adapter folder {out_dir} already exists")
     started, tic = _now(), time.perf_counter()
-
-    distil = args.kl_weight > 0
-    encoded = _encode(tokenizer, train_rows, args.max_seq_length)
-    teacher, slots = None, [0] * len(encoded)
-    if args.context_weight > 0:  # scored by the model as it is now, before any LoRA
-        teacher, slots = teacher_table(model, tokenizer, [row for _, row in encoded],
-                                       [pair for pair, _ in encoded], args.teacher_top_k)
-    train_set = [(ids, off, int(distil and isinstance(row, dict) and row.get("kind") == "rehearsal"),
-                  slot) for ((ids, off), row), slot in zip(encoded, slots)]
+    train_set, teacher = encode_train_set(model, tokenizer, train_rows, args)
     val_set = encode_examples(tokenizer, val_rows, args.max_seq_length)
     if not train_set:
         raise ValueError("no usable training example")
@@ -744,6 +856,8 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
     model.freeze()
     blocks = add_lora(model, args)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+    loss = (distil_loss(args.kl_weight, args.context_weight, teacher)
+            if args.kl_weight > 0 or teacher is not None else masked_loss)
 
     def batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
         return iterate_batches(dataset, batch_size, max_seq_length, loop=loop,
@@ -757,41 +871,9 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
                               max_seq_length=args.max_seq_length, loss=masked_loss,
                               iterate_batches=batches))
 
-    losses: list[float] = []
-    rates: list[float] = []
-    totals = {"seconds": 0.0, "tokens": 0, "reports": 0, "counted_tokens": 0, "iteration": 0}
-    every = 0
-    if select is not None and args.select_every > 0:
-        every = args.report_every * math.ceil(args.select_every / args.report_every)
-    checkpoints: list[Checkpoint] = []
-    kept: dict = {}
-
-    def score(step: int) -> None:
-        model.eval()
-        checkpoints.append(select(model, step))
-        model.train()
-        if best_checkpoint(checkpoints) is checkpoints[-1]:  # copy only a new best
-            kept["step"] = step
-            kept["weights"] = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
-            mx.eval([v for _, v in kept["weights"]])
-
-    class Callback(TrainingCallback):
-        def on_train_loss_report(self, info: dict):
-            losses.append(float(info["train_loss"]))
-            rates.append(float(info["learning_rate"]))
-            totals["reports"] += 1
-            tokens, step = int(info["trained_tokens"]), int(info["iteration"])
-            if totals["reports"] > 1 or iters <= args.report_every:  # the first holds compiling
-                steps = step - totals["iteration"]
-                totals["seconds"] += steps / max(float(info["iterations_per_second"]), 1e-12)
-                totals["counted_tokens"] += tokens - totals["tokens"]
-            totals["tokens"], totals["iteration"] = tokens, step
-            if progress is not None:
-                progress(int(info["iteration"]), iters, losses[-1],
-                         float(info["tokens_per_second"]))
-            if every and (step % every == 0 or step == iters):
-                score(step)
-
+    every = args.report_every * math.ceil(args.select_every / args.report_every)
+    selector = CheckpointSelector(select, every)
+    reporter = _reporter(iters, args.report_every, progress, selector, model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -807,78 +889,32 @@ def train_adapter(model: nn.Module, tokenizer, train_rows: Sequence[Any],
             grad_checkpoint=args.grad_checkpoint,
         )
         with _quiet_trainer() if quiet else contextlib.nullcontext():
-            train(model, optimizer, train_set, None, args=training_args,
-                  loss=distil_loss(args.kl_weight, args.context_weight, teacher)
-                  if distil or teacher is not None else masked_loss,
-                  iterate_batches=batches, training_callback=Callback())
-        if every and (not checkpoints or checkpoints[-1].step != iters):
-            score(iters)
-        if every and kept.get("step", iters) != iters:  # restore and save the best
-            model.load_weights(kept["weights"], strict=False)
-            mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), dict(kept["weights"]))
+            train(model, optimizer, train_set, None, args=training_args, loss=loss,
+                  iterate_batches=batches, training_callback=reporter)
+        kept = selector.finish(model, iters, tmp / ADAPTER_WEIGHTS)
         after = val_loss()
         model.eval()
-        tokens_per_s = totals["counted_tokens"] / totals["seconds"] if totals["seconds"] else 0.0
         result = TrainResult(
-            adapter_dir=out_dir, iterations=iters, train_loss=losses[-1] if losses else
-            float("nan"), val_loss=after, val_loss_before=before,
-            tokens_per_second=tokens_per_s, trained_tokens=totals["tokens"],
-            seconds=0.0, losses=losses, learning_rates=rates, n_examples=len(train_set),
-            checkpoints=checkpoints, kept_step=kept.get("step", iters))
-        config = {
-            "fine_tune_type": "lora",
-            "num_layers": args.num_layers,
-            "lora_parameters": args.lora_parameters(),
-            "reverie": {
-                **asdict(args),
-                "iterations": iters,
-                "lora_blocks": blocks,
-                "checkpoints": [asdict(c) for c in checkpoints],
-                "kept_step": result.kept_step,
-                "warmup_steps": warmup,
-                "schedule": "linear warm-up from 0, then cosine decay",
-                "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
-                              "weight_decay": args.weight_decay},
-                "loss": ("cross-entropy on answer tokens; rehearsal rows: kl_weight x "
-                         "KL(base || adapted) (reverie.training.lora.distil_loss)") if distil else
-                        "cross-entropy on answer tokens only (reverie.training.lora.masked_loss)",
-                "n_distil_examples": sum(row[2] for row in train_set),
-                "n_teacher_examples": sum(1 for row in train_set if row[3]),
-                "n_rows": len(train_rows),
-                "n_examples": len(train_set),
-                "n_val_rows": len(val_rows),
-                "n_val_examples": len(val_set),
-                "train_loss": result.train_loss,
-                "val_loss_before": before,
-                "val_loss": after,
-                "trained_tokens": totals["tokens"],
-                "tokens_per_second": tokens_per_s,
-                "losses": losses,
-                "started_at": started,
-                "finished_at": _now(),
-                "versions": _versions(),
-            },
-        }
+            adapter_dir=out_dir, iterations=iters,
+            train_loss=reporter.losses[-1] if reporter.losses else float("nan"),
+            val_loss=after, val_loss_before=before,
+            tokens_per_second=reporter.tokens_per_second, trained_tokens=reporter.tokens,
+            seconds=0.0, losses=reporter.losses, learning_rates=reporter.rates,
+            n_examples=len(train_set), checkpoints=selector.checkpoints, kept_step=kept)
+        counts = {"n_distil_examples": sum(row[2] for row in train_set),
+                  "n_teacher_examples": sum(1 for row in train_set if row[3]),
+                  "n_rows": len(train_rows), "n_examples": len(train_set),
+                  "n_val_rows": len(val_rows), "n_val_examples": len(val_set)}
+        config = adapter_config(args, result, blocks, warmup, counts, started)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if not (tmp / ADAPTER_WEIGHTS).is_file():
             raise RuntimeError(f"mlx-lm did not write {ADAPTER_WEIGHTS}")
-        if out_dir.exists():  # overwrite: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
-            out_dir.replace(old / out_dir.name)
-            tmp.replace(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.replace(out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     result.seconds = time.perf_counter() - tic
     return result
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    """The adapter's ``adapter_config.json`` as a dict (FileNotFoundError if missing)."""
-    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
