@@ -12,6 +12,7 @@ from typing import Optional
 from rich.console import Console
 from rich.markup import escape
 
+from reverie.cli.output import error
 from reverie.memory.daylog import DayLog, validate_user_id
 from reverie.memory.ingest import FORMATS, ingest, sample_day_path
 from reverie.config import Settings
@@ -64,11 +65,10 @@ def ingest_command(files: list[Path], user: str, format: Optional[str], sessions
             raise ValueError("--sample imports the shipped sample day; it takes no --format "
                              "or --sessions")
     except ValueError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        error(str(exc), to=err)
         return 2
     if not files and not sample:
-        err.print("[red]error:[/red] name files to import, or --sample for the sample day",
-                  soft_wrap=True)
+        error("name files to import, or --sample for the sample day", to=err)
         return 2
     daylog = DayLog(settings.paths.days)
     reports = []
@@ -93,7 +93,7 @@ def ingest_command(files: list[Path], user: str, format: Optional[str], sessions
         kind = f" ({fr.format})" if fr.format else ""
         console.print(f"{mark} {escape(name)}{kind}: {', '.join(counts)}", soft_wrap=True)
         for e in fr.errors:
-            err.print(f"[red]{escape(str(e))}[/red]", soft_wrap=True)
+            error(str(e), label="", to=err)
         n_errors += len(fr.errors)
     imported = sum(fr.imported for fr in reports)
     consumed = sum(fr.skipped_consumed for fr in reports)

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 import reverie  # noqa: F401  (OpenBLAS before mlx)
+from reverie.cli.output import console, fail
 from reverie.config import ConfigError, Settings, load_settings
 from reverie.runtime import fetch
 
@@ -24,8 +24,6 @@ diary_app = typer.Typer(help="Read the dream diary.", no_args_is_help=True)
 app.add_typer(diary_app, name="diary")
 prompts_app = typer.Typer(help="The agents' prompt files.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
-console = Console()
-err = Console(stderr=True)
 
 
 class _State:
@@ -36,8 +34,7 @@ class _State:
         try:
             return load_settings(self.config, data_dir=self.data_dir)
         except ConfigError as exc:
-            err.print(f"[red]configuration error[/red]\n{exc}")
-            raise typer.Exit(2) from exc
+            fail(str(exc), 2, label="configuration error\n")
 
 
 state = _State()
@@ -50,8 +47,7 @@ def _closing(resource, *errors: type[Exception]):
     try:
         yield resource
     except (fetch.FetchError, *errors) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(f"{exc}", 1)
     finally:
         resource.close()
 
@@ -103,8 +99,7 @@ def models_pull():
                 prepare_embedded(model, cache, quiet=True, on_convert=converting,
                                  progress=fetching)
             except (fetch.FetchError, GGUFError) as exc:
-                err.print(f"[red]error:[/red] {exc}")
-                raise typer.Exit(1) from exc
+                fail(f"{exc}", 1)
         console.print(f"[green]✓[/green] {model.name} -> {where}")
 
 
@@ -182,8 +177,7 @@ def rollback(version: Optional[str] = typer.Argument(None, help="a version from 
     try:
         now_active = versions.rollback(version)
     except (KeyError, ValueError, LookupError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(f"{exc}", 1)
     console.print(f"active model version: {now_active}")
 
 
@@ -193,8 +187,7 @@ def ask(question: str, role: str = typer.Option("student", help="which role's mo
     """Ask a role's model one question and print the streamed answer (no memory, no logging)."""
     settings = state.settings()
     if role not in settings.roles:
-        err.print(f"[red]error:[/red] unknown role {role!r} (known: {', '.join(settings.roles)})")
-        raise typer.Exit(2)
+        fail(f"unknown role {role!r} (known: {', '.join(settings.roles)})", 2)
     runtime = _runtime(settings)
     with _closing(runtime):
         model = runtime.chat_model(role)
@@ -218,8 +211,7 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
     from reverie.cli.ingest import ingest_command
 
     if not files and not sample:
-        err.print("[red]error:[/red] give chat history files, or --sample")
-        raise typer.Exit(2)
+        fail("give chat history files, or --sample", 2)
     raise typer.Exit(ingest_command(files or [], user, format, sessions, force, sample,
                                     state.settings()))
 
@@ -333,8 +325,7 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
         try:
             when = next_time(at, datetime.now())
         except ValueError as exc:
-            err.print(f"[red]error:[/red] --at: {exc}")
-            raise typer.Exit(2) from exc
+            fail(f"--at: {exc}", 2)
         console.print(f"sleeping at {when:%Y-%m-%d %H:%M} (Ctrl-C to cancel)")
         with console.status("") as status:
             wait_until(when, on_wait=lambda left: status.update(
@@ -387,8 +378,7 @@ def diary_show(night_id: str = typer.Argument(..., help="a night id from `reveri
 
     folder = state.settings().paths.diary / night_id
     if not (folder / "steps.jsonl").exists():
-        err.print(f"[red]error:[/red] no diary for night {night_id!r} in {folder.parent}")
-        raise typer.Exit(1)
+        fail(f"no diary for night {night_id!r} in {folder.parent}", 1)
     steps = read_steps(folder / "steps.jsonl")
     if agent or memory or status:
         chosen = filter_steps(steps, agent, memory, status)
@@ -435,16 +425,14 @@ def prompts_show(name: str):
     try:
         source = locate(name, settings.prompts.dir)
     except PromptError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"{exc}", 2)
     console.print(f"# {source.path} ({'override' if source.override else 'default'})", markup=False)
     console.print(source.path.read_text(), markup=False, highlight=False)
     if name in AGENT_PROMPTS:
         try:
             load_prompt(name, AGENT_PROMPTS[name], settings.prompts.dir)
         except PromptError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+            fail(f"{exc}", 1)
 
 
 def _user(settings: Settings, user: Optional[str]) -> str:
@@ -453,8 +441,7 @@ def _user(settings: Settings, user: Optional[str]) -> str:
     try:
         return validate_user_id(user or settings.wake.user)
     except ValueError as exc:
-        err.print(f"[red]error:[/red] --user: {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"--user: {exc}", 2)
 
 
 def _print_retrieved(docs) -> None:
@@ -489,8 +476,7 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
         session = day.chat(rag)
         if message is not None:
             if not message.strip():
-                err.print("[red]error:[/red] --message is empty")
-                raise typer.Exit(2)
+                fail("--message is empty", 2)
             reply = session.send(message, on_retrieved=shown)
             console.print(reply.text, markup=False, highlight=False)
             return
@@ -536,8 +522,7 @@ def schedule(at: Optional[str] = typer.Option(None, "--at", help="HH:MM (default
     try:
         line = cron_line(at or settings.wake.night_at, state.config, Path.cwd(), log)
     except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(f"{exc}", 2)
     log.parent.mkdir(parents=True, exist_ok=True)
     console.print(line, markup=False, highlight=False, soft_wrap=True)
 
