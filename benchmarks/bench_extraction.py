@@ -79,6 +79,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def publish(text: str, name: str) -> None:
+    """Print a benchmark's table and append it to ``benchmarks/results/<name>`` (results
+    are kept in the repository, newest last)."""
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / name, "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,

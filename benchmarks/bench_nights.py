@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results"
 LOCOMO = ROOT.parent / "shared" / "data" / "locomo" / "conv-30.json"
 NIGHTS = [("1-3", [1, 2, 3]), ("4-6", [4, 5, 6])]
 
@@ -173,7 +172,7 @@ def main() -> None:
     if not args.locomo.exists():
         ap.error(f"{args.locomo}: no such file (LoCoMo is not shipped; see README)")
     import reverie  # noqa: F401  (OpenBLAS before mlx)
-    from bench_extraction import cpu_model
+    from bench_extraction import cpu_model, publish
 
     out = args.run or args.qa
     if not out:
@@ -181,11 +180,7 @@ def main() -> None:
     nights = run_nights(args.run, args.config, args.user, args.locomo) if args.run else \
         json.loads((out / "nights.json").read_text())
     result = qa(out.resolve(), args.config, args.user, args.locomo)
-    text = render(nights, result, cpu_model())
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "nights.md", "a") as f:
-        f.write(text + "\n")
+    publish(render(nights, result, cpu_model()), "nights.md")
 
 
 if __name__ == "__main__":

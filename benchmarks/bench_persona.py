@@ -21,7 +21,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 KEEP = [
     "The user's dog Biscuit is a two-year-old beagle.",
@@ -86,11 +85,9 @@ def main() -> None:
              "(keep rate − keep rate on bad) | seconds |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {src} | {k:.0%} | {v:.0%} | {sig:+.2f} | {sec:.0f} |"
               for n, src, k, v, sig, sec in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "persona.md", "a") as f:
-        f.write(text + "\n")
+    from bench_extraction import publish  # benchmarks/ is on sys.path when run as a script
+
+    publish("\n".join(lines) + "\n", "persona.md")
 
 
 if __name__ == "__main__":

@@ -568,18 +568,9 @@ def decide(memory: Memory, deps: NightDeps) -> tuple[str, str]:
 def build_graph() -> StateGraph:
     """The night's graph (uncompiled): compile it with a checkpointer to run."""
     g = StateGraph(NightState, context_schema=NightDeps)
-    g.add_node("gather", gather)
-    g.add_node("revisit", revisit)
-    g.add_node("route", route)
-    g.add_node("dream", dream)
-    g.add_node("triage", triage)
-    g.add_node("verify", verify)
-    g.add_node("reshape", reshape)
-    g.add_node("consult", consult)
-    g.add_node("consolidate", consolidate)
-    g.add_node("park", park)
-    g.add_node("handoff", handoff)
-    g.add_node("learn", learn)
+    for node in (gather, revisit, route, dream, triage, verify, reshape, consult, consolidate,
+                 park, handoff, learn):
+        g.add_node(node)  # named after its function
 
     g.add_edge(START, "gather")
     g.add_edge("gather", "revisit")

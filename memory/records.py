@@ -89,7 +89,23 @@ class Scores(BaseModel):
     utility: float = 0.0
 
 
-class Memory(BaseModel):
+class MemoryContent(BaseModel):
+    """What a memory says, whatever stage it is at (candidate, memory, parked thought): a
+    fact as ``question`` and ``answer`` with ``phrasings`` of the question, or a preference
+    or rule as the ``text`` statement."""
+
+    kind: MemoryKind
+    question: str = ""
+    answer: str = ""
+    phrasings: list[str] = Field(default_factory=list)
+    text: str = ""
+
+    def statement(self) -> str:
+        """One line for prompts, embeddings and the diary."""
+        return statement_of(self)
+
+
+class Memory(MemoryContent):
     """A memory in the long-term store.
 
     Facts are Q&A (``question``, ``answer``) with several ``phrasings`` of the question;
@@ -101,11 +117,6 @@ class Memory(BaseModel):
 
     id: str = Field(default_factory=lambda: new_id("mem"))
     user_id: str
-    kind: MemoryKind
-    text: str = ""
-    question: str = ""
-    answer: str = ""
-    phrasings: list[str] = Field(default_factory=list)
     scores: Scores = Field(default_factory=Scores)
     status: MemoryStatus = "candidate"
     parsed: bool = True
@@ -119,10 +130,6 @@ class Memory(BaseModel):
     replays: int = 0
     history: list[dict] = Field(default_factory=list)
 
-    def statement(self) -> str:
-        """One line for prompts, embeddings and the diary."""
-        return statement_of(self)
-
 
 CandidateStatus = Literal["pending", "failed", "passed", "rejected", "approved", "vetoed"]
 
@@ -134,7 +141,7 @@ class IdentityItem(BaseModel):
     answer: str
 
 
-class Candidate(BaseModel):
+class Candidate(MemoryContent):
     """A candidate memory moving through the night.
 
     ``status``: ``pending`` (to verify) -> ``passed`` | ``failed`` (to reshape, while
@@ -147,10 +154,6 @@ class Candidate(BaseModel):
     user_id: str
     session_id: str
     kind: Literal["fact", "preference", "rule"]
-    question: str = ""
-    answer: str = ""
-    phrasings: list[str] = Field(default_factory=list)
-    text: str = ""
     cites: list[str] = Field(default_factory=list)
     round: int = 0
     status: CandidateStatus = "pending"
@@ -160,9 +163,6 @@ class Candidate(BaseModel):
     identity_items: list[IdentityItem] = Field(default_factory=list)
     revives: str = ""
     history: list[dict] = Field(default_factory=list)
-
-    def statement(self) -> str:
-        return statement_of(self)
 
     def content(self) -> dict:
         """The memory's content alone (what the reshaper rewrites)."""
@@ -180,7 +180,7 @@ class ForgetRequest(BaseModel):
     target: str
 
 
-class ParkedThought(BaseModel):
+class ParkedThought(MemoryContent):
     """A candidate a night could not keep yet, carried to later nights ("the subconscious").
 
     Parked when the verifier rejected it (for want of evidence or grounding, not because it
@@ -197,10 +197,6 @@ class ParkedThought(BaseModel):
     user_id: str
     candidate_id: str
     kind: Literal["fact", "preference", "rule"]
-    question: str = ""
-    answer: str = ""
-    phrasings: list[str] = Field(default_factory=list)
-    text: str = ""
     reasons: list[str] = Field(default_factory=list)
     night_id: str
     source_session: str = ""
@@ -211,6 +207,3 @@ class ParkedThought(BaseModel):
     created_at: datetime = Field(default_factory=now)
     updated_at: datetime = Field(default_factory=now)
     history: list[dict] = Field(default_factory=list)
-
-    def statement(self) -> str:
-        return statement_of(self)

@@ -195,12 +195,7 @@ class MemoryStore:
                 moves between users).
         """
         with self._tx() as c:
-            old = self._read(c, memory.id)
-            if old is None:
-                raise KeyError(memory.id)
-            if old.user_id != memory.user_id:
-                raise ValueError(f"memory {memory.id} belongs to user {old.user_id!r}, "
-                                 f"not {memory.user_id!r}")
+            old = _same_owner(self._read(c, memory.id), memory, "memory")
             stored = self._log(memory.model_copy(update={"created_at": old.created_at}),
                                reason)
             self._replace(c, stored)
@@ -342,12 +337,7 @@ class MemoryStore:
             ValueError: ``thought.user_id`` differs from the stored one's.
         """
         with self._tx() as c:
-            old = self._read_parked(c, thought.id)
-            if old is None:
-                raise KeyError(thought.id)
-            if old.user_id != thought.user_id:
-                raise ValueError(f"parked thought {thought.id} belongs to user "
-                                 f"{old.user_id!r}, not {thought.user_id!r}")
+            old = _same_owner(self._read_parked(c, thought.id), thought, "parked thought")
             at = now()
             stored = thought.model_copy(update={
                 "created_at": old.created_at, "updated_at": at,
@@ -484,3 +474,17 @@ class MemoryStore:
 
 
 __all__ = ["MemoryStore", "STATUSES", "KINDS"]
+
+
+def _same_owner(old, new, what: str):
+    """``old`` (the stored record, or None), checked to be ``new``'s: same user.
+
+    Raises:
+        KeyError: nothing stored under ``new.id``.
+        ValueError: the stored record is another user's (records never move between users).
+    """
+    if old is None:
+        raise KeyError(new.id)
+    if old.user_id != new.user_id:
+        raise ValueError(f"{what} {new.id} belongs to user {old.user_id!r}, not {new.user_id!r}")
+    return old
