@@ -7,6 +7,7 @@ The persona consultant reviews memories against it, and its ``core`` Q&A pairs a
 from __future__ import annotations
 
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from reverie.memory.records import IdentityItem
 
-DEFAULT = Path(__file__).resolve().parent.parent / "reverie" / "samples" / "identity.yaml"
+# The shipped identity, wherever the package is installed (a checkout or a wheel).
+DEFAULT = Path(str(resources.files("reverie") / "samples" / "identity.yaml"))
 
 
 class Identity(BaseModel):
