@@ -78,3 +78,16 @@ def test_schedule_and_sunset(tiny_config, tmp_path):
     assert "not sunset yet" in out
     bad = CliRunner().invoke(app, ["--config", str(config), "night", "--at", "25:00"])
     assert bad.exit_code == 2 and "HH:MM" in bad.output
+
+
+def test_version_and_ingest_for_the_configured_user(tmp_path):
+    import reverie
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"reverie {reverie.__version__}"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"),
+                                      "wake": {"user": "ana"}}))
+    run(config, "ingest", "--sample")                # no --user: wake.user
+    log = DayLog(tmp_path / "data" / "days")
+    assert log.sessions("ana") and not log.sessions("me")

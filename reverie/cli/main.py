@@ -52,10 +52,18 @@ def _closing(resource, *errors: type[Exception]):
         resource.close()
 
 
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"reverie {reverie.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(config: Optional[Path] = typer.Option(None, "--config", "-c", help="config file "
                                                "(default: ./config.yaml when present)"),
-         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="overrides data_dir")):
+         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="overrides data_dir"),
+         version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                      help="print Reverie's version and exit")):
     state.config, state.data_dir = config, data_dir
 
 
@@ -200,7 +208,8 @@ def ask(question: str, role: str = typer.Option("student", help="which role's mo
 @app.command()
 def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI messages JSONL, "
                                               "ShareGPT, LoCoMo JSON, or Reverie day logs"),
-           user: str = typer.Option("me", "--user", "-u", help="whose conversations these are"),
+           user: Optional[str] = typer.Option(None, "--user", "-u", help="whose conversations "
+                                              "these are (default: wake.user)"),
            format: Optional[str] = typer.Option(None, "--format", "-f",
                                                 help="openai | sharegpt | locomo | reverie "
                                                      "(default: detected)"),
@@ -212,8 +221,9 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
 
     if not files and not sample:
         fail("give chat history files, or --sample", 2)
-    raise typer.Exit(ingest_command(files or [], user, format, sessions, force, sample,
-                                    state.settings()))
+    settings = state.settings()
+    raise typer.Exit(ingest_command(files or [], user or settings.wake.user, format, sessions,
+                                    force, sample, settings))
 
 
 def _with_night_display(run):
