@@ -27,7 +27,7 @@ from reverie.memory.diary import Diary, list_nights
 from reverie.memory.facts import FactStore, MemoryIndex
 from reverie.memory.identity import load_identity
 from reverie.memory.store import MemoryStore
-from reverie.prompts import chat_frame, load_prompt
+from reverie.prompts import load_chat_frame, load_prompt
 from reverie.config import Settings
 
 # Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
@@ -75,7 +75,8 @@ def build_deps(settings: Settings, night_id: str, models: dict, embedder,
         identity=identity, daylog=DayLog(paths.days), store=MemoryStore(paths.memories_db),
         facts=FactStore(client, ef), index=index, similarity=similarity,
         diary=Diary(paths.diary, night_id), training_dir=paths.training_sets,
-        forge=settings.forge, frame=chat_frame(settings),
+        forge=settings.forge,
+        frame=load_chat_frame(identity.system_prompt(), settings.prompts.dir),
         learner=learner)
 
 

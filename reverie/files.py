@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,6 @@ def replace_folder(src: Path, dst: Path) -> None:
     if not dst.exists():
         src.replace(dst)
     else:
-        import shutil
-        import tempfile
-
         aside = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}-", dir=dst.parent))
         dst.replace(aside / dst.name)
         src.replace(dst)

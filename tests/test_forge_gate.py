@@ -128,3 +128,16 @@ def test_training_set_holds_out_one_phrasing_and_mixes_the_rest(settings):
     c = Memory(id="c", user_id="me", kind="fact", question="q", answer="x", status="verified", replays=3)
     assert dataset.replay_priority(c) < dataset.replay_priority(b) == dataset.replay_priority(a)
     assert {m.id for m in dataset.choose_replay([c, b, a], 2)} == {"a", "b"}
+
+
+def test_training_set_file_round_trips_and_names_a_bad_line(settings, tmp_path):
+    ts = dataset.curate(facts(), [], IDENTITY, settings.forge)
+    path = ts.save(tmp_path / "n.jsonl")
+    back = dataset.TrainingSet.load(path)
+    assert (back.rows, back.new_items, back.dev_items, back.new_ids, back.counts, back.stage) == (
+        ts.rows, ts.new_items, ts.dev_items, ts.new_ids, ts.counts, "handoff")
+    with open(path, "a") as f:
+        f.write('{"split": "heldout", "answers": ["x"]}\n')
+    n = len(path.read_text().splitlines())
+    with pytest.raises(ValueError, match=rf"n.jsonl:{n}: a heldout line needs question"):
+        dataset.TrainingSet.load(path)

@@ -88,6 +88,8 @@ def test_version_and_ingest_for_the_configured_user(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"),
                                       "wake": {"user": "ana"}}))
+    bad = CliRunner().invoke(app, ["--config", str(config), "ingest"])
+    assert bad.exit_code == 2 and "--sample" in bad.output   # nothing named to import
     run(config, "ingest", "--sample")                # no --user: wake.user
     log = DayLog(tmp_path / "data" / "days")
     assert log.sessions("ana") and not log.sessions("me")

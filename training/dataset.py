@@ -192,7 +192,11 @@ class TrainingSet:
             elif split == "train":
                 ts.rows.append(line)
             elif split in items:
-                items[split].append((line["question"], list(line["answers"])))
+                try:
+                    items[split].append((line["question"], list(line["answers"])))
+                except (KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{number}: a {split} line needs question and "
+                                     f"answers ({exc!r} missing or wrong)") from exc
                 if split == "heldout" and "memory_id" in line:
                     ts.new_ids.append(line["memory_id"])
             else:

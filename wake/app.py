@@ -1,7 +1,8 @@
 """Wiring the day side to the configured models and the data directory (used by the CLI).
 
 :class:`Day` holds the runtime (the active model version), the user's retriever and the
-``sleep`` callable the CLI hands it; :meth:`Day.chat` builds a :class:`~reverie.wake.chat.ChatSession` on them.
+``sleep`` callable the CLI hands it; :meth:`Day.chat` builds a
+:class:`~reverie.wake.chat.ChatSession` on them.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _closing(resource, *errors: type[Exception]):
     try:
         yield resource
     except (fetch.FetchError, *errors) as exc:
-        fail(f"{exc}", 1)
+        fail(str(exc))
     finally:
         resource.close()
 
@@ -107,7 +107,7 @@ def models_pull():
                 prepare_embedded(model, cache, quiet=True, on_convert=converting,
                                  progress=fetching)
             except (fetch.FetchError, GGUFError) as exc:
-                fail(f"{exc}", 1)
+                fail(str(exc))
         console.print(f"[green]✓[/green] {model.name} -> {where}")
 
 
@@ -185,7 +185,7 @@ def rollback(version: Optional[str] = typer.Argument(None, help="a version from 
     try:
         now_active = versions.rollback(version)
     except (KeyError, ValueError, LookupError) as exc:
-        fail(f"{exc}", 1)
+        fail(str(exc))
     console.print(f"active model version: {now_active}")
 
 
@@ -219,8 +219,6 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
     """Import conversations into the day log (bad records are reported, the rest imported)."""
     from reverie.cli.ingest import ingest_command
 
-    if not files and not sample:
-        fail("give chat history files, or --sample", 2)
     settings = state.settings()
     raise typer.Exit(ingest_command(files or [], user or settings.wake.user, format, sessions,
                                     force, sample, settings))
@@ -388,7 +386,7 @@ def diary_show(night_id: str = typer.Argument(..., help="a night id from `reveri
 
     folder = state.settings().paths.diary / night_id
     if not (folder / "steps.jsonl").exists():
-        fail(f"no diary for night {night_id!r} in {folder.parent}", 1)
+        fail(f"no diary for night {night_id!r} in {folder.parent}")
     steps = read_steps(folder / "steps.jsonl")
     if agent or memory or status:
         chosen = filter_steps(steps, agent, memory, status)
@@ -435,14 +433,14 @@ def prompts_show(name: str):
     try:
         source = locate(name, settings.prompts.dir)
     except PromptError as exc:
-        fail(f"{exc}", 2)
+        fail(str(exc), 2)
     console.print(f"# {source.path} ({'override' if source.override else 'default'})", markup=False)
     console.print(source.path.read_text(), markup=False, highlight=False)
     if name in AGENT_PROMPTS:
         try:
             load_prompt(name, AGENT_PROMPTS[name], settings.prompts.dir)
         except PromptError as exc:
-            fail(f"{exc}", 1)
+            fail(str(exc))
 
 
 def _user(settings: Settings, user: Optional[str]) -> str:
@@ -532,7 +530,7 @@ def schedule(at: Optional[str] = typer.Option(None, "--at", help="HH:MM (default
     try:
         line = cron_line(at or settings.wake.night_at, state.config, Path.cwd(), log)
     except ValueError as exc:
-        fail(f"{exc}", 2)
+        fail(str(exc), 2)
     log.parent.mkdir(parents=True, exist_ok=True)
     console.print(line, markup=False, highlight=False, soft_wrap=True)
 
