@@ -704,6 +704,8 @@ class CheckpointSelector:
         self._weights: list = []
 
     def after_step(self, model: nn.Module, step: int, last: int) -> None:
+        """Score ``model`` at ``step`` (1-based) when it is a multiple of ``every`` or the
+        ``last`` step; no-op without selection."""
         if self.every and (step % self.every == 0 or step == last):
             self._score(model, step)
 
