@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import BaseModel
 
-from reverie.runtime.structured import StructuredOutputError, acall_structured
+from langchain_core.messages import HumanMessage
+
+from reverie.runtime.structured import (StructuredOutputError, acall_structured,
+                                        constrains_decoding, format_instructions)
 
 
 @dataclass
@@ -27,12 +30,14 @@ class AgentCall:
     output_tokens: int = 0
     attempts: int = 1
     error: str = ""
+    # what the checks made after the call dropped or changed (models not grammar-bound)
+    checks: list[str] = field(default_factory=list)
 
     def diary_fields(self) -> dict:
         return {"model": self.model, "temperature": self.temperature, "prompt": self.prompt,
                 "raw_output": self.raw, "duration_s": round(self.duration_s, 3),
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "attempts": self.attempts, "error": self.error,
+                "attempts": self.attempts, "error": self.error, "checks": self.checks,
                 "parsed": self.parsed.model_dump(mode="json") if isinstance(self.parsed, BaseModel)
                 else self.parsed}
 
@@ -51,8 +56,18 @@ async def call(model, prompt: ChatPromptTemplate, variables: dict, schema: type[
 
     Never raises for a bad model answer: after ``attempts`` tries the call comes back with
     ``parsed=None`` and the error, so one confused candidate cannot stop the night.
+
+    A model that cannot be grammar-constrained (any LangChain model but ours) gets
+    LangChain's format instructions for ``schema`` after the prompt, and the diary shows
+    them; ``grammar``'s narrower checks are then the caller's to make on the answer
+    (:func:`reverie.runtime.structured.violations`).
     """
     messages = prompt.format_messages(**variables)
+    if not constrains_decoding(model):
+        if messages and messages[-1].type == "human":
+            messages[-1] = HumanMessage(f"{messages[-1].content}\n\n{format_instructions(schema)}")
+        else:
+            messages.append(HumanMessage(format_instructions(schema)))
     rendered = [{"role": m.type, "content": m.content} for m in messages]
     start = time.perf_counter()
     try:

@@ -11,12 +11,13 @@ shipped sample day).
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from reverie.runtime.structured import json_schema
+from reverie.runtime.structured import constrains_decoding, json_schema, violations
 from reverie.agents.common import AgentCall, call
 from reverie.memory.records import Candidate, Message, Session, transcript_of
 
@@ -94,6 +95,39 @@ def grammar(turn_ids: list[str], max_candidates: int, phrasings: int,
     narrow(schema["$defs"]["DreamedMemory"], turn_ids, phrasings, spans)
     schema["properties"]["memories"]["maxItems"] = max_candidates
     return schema
+
+
+def _words(text: str) -> str:
+    return " ".join(w for w in (w.strip(".,:;!?'\"") for w in _SPAN_WORD.findall(text)) if w)
+
+
+def conform(drafts: list[DreamedMemory], item: dict,
+            spans: list[str] | None) -> tuple[list[DreamedMemory], list[str]]:
+    """For a model that was not grammar-bound: the drafts that meet ``item`` (one memory's
+    narrowed JSON schema, as :func:`narrow` makes it), with a fact's answer first snapped to
+    the user's words it spells (case and punctuation aside: "lisbon." -> "Lisbon"), and one
+    note per draft changed or dropped, saying why. Lists longer than the schema allows
+    (cited turns, phrasings) are cut to length."""
+    by_words = {_words(s).lower(): s for s in spans or []}
+    # a fact may come without its statement (the question and answer carry it)
+    item = copy.deepcopy(item)
+    item["properties"]["statement"]["pattern"] = f"^$|{STATEMENT_PATTERN}"
+    # lists past the grammar's length are cut, not dropped: the first items are the best
+    limits = {k: item["properties"][k].get("maxItems") for k in ("turns", "phrasings")}
+    kept, notes = [], []
+    for n, m in enumerate(drafts):
+        m = m.model_copy(update={k: getattr(m, k)[:v] for k, v in limits.items() if v})
+        if spans and m.answer and m.answer not in spans:
+            snapped = by_words.get(_words(m.answer).lower())
+            if snapped:
+                notes.append(f"memory {n}: answer {m.answer!r} -> the user's words {snapped!r}")
+                m = m.model_copy(update={"answer": snapped})
+        problems = violations(item, m.model_dump(mode="json"))
+        if problems:
+            notes.append(f"memory {n} dropped: " + "; ".join(problems))
+            continue
+        kept.append(m)
+    return kept, notes
 
 
 def windows(session: Session, size: int) -> list[list[Message]]:
@@ -199,12 +233,20 @@ class Dreamer:
         spans = answer_spans(window) if self.night.extractive_answers else None
         if spans == []:  # no user words in this window: nothing to remember
             spans = None
+        schema = grammar(ids, self.night.max_candidates, self.night.phrasings, spans)
         result = await call(self.model, self.prompt, variables, Dream, "dreamer", self.attempts,
-                            grammar(ids, self.night.max_candidates, self.night.phrasings, spans))
+                            schema)
         if result.parsed is None:
             return [], result
         dream = result.parsed
         known = set(ids)
-        for m in dream.memories:  # other models are not grammar-bound: keep real ids only
-            m.turns = [t for t in m.turns if t in known] or m.turns
+        for m in dream.memories:  # other models are not grammar-bound: keep real ids only,
+            # else the user turns that share the draft's words
+            m.turns = ([t for t in m.turns if t in known]
+                       or attribute(f"{m.statement} {m.question} {m.answer}", [], window)
+                       or m.turns)[:2]
+        if not constrains_decoding(self.model):  # the grammar's checks, after the call
+            kept, result.checks = conform(dream.memories[:self.night.max_candidates],
+                                          schema["$defs"]["DreamedMemory"], spans)
+            dream = dream.model_copy(update={"memories": kept})
         return to_candidates(dream, session, night_id, prefix, window), result

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from reverie.runtime.structured import json_schema
+from reverie.runtime.structured import constrains_decoding, json_schema
 from reverie.agents.common import AgentCall, call
-from reverie.agents.dreamer import (DreamedMemory, answer_spans, cites_of, clean_phrasings, context,
-                            narrow, note_text, user_turn_ids)
+from reverie.agents.dreamer import (DreamedMemory, answer_spans, cites_of, clean_phrasings,
+                                    conform, context, narrow, note_text, user_turn_ids)
 from reverie.agents.verifier import note
 from reverie.memory.records import Candidate, Session, transcript_of
 
@@ -28,14 +28,17 @@ class Reshaper:
         """The rewritten candidate (``pending``, next round); if the model gives nothing
         usable, the candidate is ``rejected`` with that reason."""
         shown = context(session, candidate.cites, self.night.window_turns)
+        spans = answer_spans(shown) if self.night.extractive_answers else None
+        schema = grammar(user_turn_ids(shown), self.night.phrasings, spans)
         result = await call(self.model, self.prompt,
                             {"transcript": transcript_of(shown), "kind": candidate.kind,
                              "memory": note(candidate),
                              "reasons": "; ".join(candidate.reasons) or "none given"},
-                            DreamedMemory, "reshaper", self.attempts,
-                            grammar(user_turn_ids(shown), self.night.phrasings,
-                                    answer_spans(shown) if self.night.extractive_answers else None))
+                            DreamedMemory, "reshaper", self.attempts, schema)
         new = result.parsed
+        if new is not None and not constrains_decoding(self.model):  # the grammar's checks
+            kept, result.checks = conform([new], schema, spans)
+            new = kept[0] if kept else None
         history = candidate.history + [{"agent": "reshaper", "round": candidate.round,
                                         "before": candidate.content()}]
         usable = new is not None and ((new.question and new.answer) if new.kind == "fact"

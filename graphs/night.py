@@ -28,7 +28,7 @@ import hashlib
 import json
 import operator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, TypedDict
 
@@ -47,6 +47,7 @@ from reverie.memory.daylog import DayLog
 from reverie.memory.diary import Diary, DiaryStep
 from reverie.memory.facts import FactStore, MemoryIndex
 from reverie.memory.identity import Identity
+from reverie.memory.manage import claim_edits, forget_memory, is_user_edit, memories_like
 from reverie.memory.records import Candidate, ForgetRequest, Memory, ParkedThought, Session, now
 from reverie.memory.store import MemoryStore
 from reverie.prompts import ChatFrame
@@ -61,8 +62,9 @@ def merge(old: dict | None, new: dict | None) -> dict:
 class Consolidation(BaseModel):
     """What :func:`consolidate` did, as memory ids: ``added`` (new, or superseding),
     ``superseded`` (the old ones), ``duplicates`` (existing ones seen again), ``deleted``
-    (on a forget request), ``dropped`` (approved tonight but asked to be forgotten), and
-    ``revived``: revisited candidate id -> the memory it became or joined."""
+    (on a forget request), ``dropped`` (approved tonight but asked to be forgotten),
+    ``revived``: revisited candidate id -> the memory it became or joined, and
+    ``kept_edits``: the user's edits a candidate from older evidence would have superseded."""
 
     added: list[str] = Field(default_factory=list)
     superseded: list[str] = Field(default_factory=list)
@@ -70,6 +72,7 @@ class Consolidation(BaseModel):
     deleted: list[str] = Field(default_factory=list)
     dropped: list[str] = Field(default_factory=list)
     revived: dict[str, str] = Field(default_factory=dict)
+    kept_edits: list[str] = Field(default_factory=list)
 
 
 class Subconscious(BaseModel):
@@ -145,6 +148,8 @@ class NightDeps:
     # learner(night_id, training-set path) -> ForgeOutcome (reverie.training.forge.learn);
     # None: the night stops at the training set
     learner: Optional[Callable[[str, Path], Any]] = None
+    # what unlearning rows answer (prompts/unlearn.yaml); None: the shipped file's
+    unlearn_answer: Optional[str] = None
 
 
 # -- nodes -----------------------------------------------------------------------------
@@ -306,26 +311,37 @@ async def consult(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
 
 def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     """Memory operations: add, supersede a contradicted fact (old kept and linked),
-    merge duplicates, and delete what the user explicitly asked to forget."""
+    merge duplicates, and delete what the user explicitly asked to forget (every version,
+    :func:`reverie.memory.manage.forget_memory`). A user's edit is not superseded by a
+    candidate whose session is not newer than the edit (the user corrected that)."""
     deps, night_id = runtime.context, state["night_id"]
     ops = Consolidation()
     forget = state.get("forget", [])
     approved = sorted((c for c in state.get("candidates", {}).values() if c.status == "approved"),
                       key=lambda c: c.id)
 
-    def log(op: str, memory_id: str, text: str, reasons: list[str] = ()):
+    def log(op: str, memory_id: str, text: str, reasons: list[str] = (),
+            c: Optional[Candidate] = None):
+        # the candidate's id ties the step to its thread in the diary (a duplicate's
+        # memory_id is the other memory's)
         deps.diary.record(DiaryStep(step_id=f"consolidate:{op}:{memory_id}", night_id=night_id,
                                     agent="consolidate", memory_id=memory_id, verdict=op,
-                                    raw_output=text, reasons=list(reasons)))
+                                    raw_output=text, reasons=list(reasons),
+                                    candidate_id=c.id if c else "",
+                                    session_id=c.session_id if c else ""))
 
+    sessions = {s.session_id: s for s in state.get("sessions", [])}
     for request in forget:  # only ever on the user's explicit request
-        for memory_id, sim in deps.index.nearest(request.target, request.user_id, k=10):
-            if sim >= deps.night.forget_similarity and deps.store.delete(
-                    memory_id, reason=f"forget request in {request.session_id}/{request.turn_id}",
+        for memory, sim in memories_like(deps.store, deps.index, request.user_id,
+                                         request.target, deps.night.forget_similarity):
+            for memory_id in forget_memory(
+                    deps.store, deps.index, memory.id,
+                    reason=f"forget request in {request.session_id}/{request.turn_id}",
                     request=request.text):
-                deps.index.remove(memory_id)
                 ops.deleted.append(memory_id)
-                log("delete", memory_id, request.text, [f"similarity {sim:.2f} to '{request.target}'"])
+                log("delete", memory_id, request.text,
+                    [f"similarity {sim:.2f} to '{request.target}'"]
+                    + ([f"a version of {memory.id}"] if memory_id != memory.id else []))
 
     for c in approved:
         memory = to_memory(c)
@@ -336,9 +352,15 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         hit = forget_hit(forget, c.user_id, c.statement(), deps)
         if hit:
             ops.dropped.append(memory.id)
-            log("dropped", memory.id, c.statement(), [f"the user asked to forget: {hit.text}"])
+            log("dropped", memory.id, c.statement(), [f"the user asked to forget: {hit.text}"], c)
             continue
         op, other = decide(memory, deps)
+        if op == "supersede" and older_than_edit(sessions.get(c.session_id),
+                                                 deps.store.get(other)):
+            ops.kept_edits.append(other)
+            log("kept-edit", other, c.statement(),
+                [f"the user corrected this memory after session {c.session_id}"], c)
+            continue
         if op == "duplicate":
             existing = deps.store.get(other)
             existing.associated = sorted(set(existing.associated) | {f"{c.session_id}:{t}" for t in c.cites})
@@ -347,17 +369,17 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             ops.duplicates.append(other)
             if c.revives:
                 ops.revived[c.id] = other
-            log("duplicate", other, c.statement(), [f"same as {other}"])
+            log("duplicate", other, c.statement(), [f"same as {other}"], c)
             continue
         if op == "supersede":
             deps.store.supersede(other, memory, reason=f"contradicted by {c.session_id} "
                                  f"({', '.join(c.cites)}) in night {night_id}")
             deps.index.upsert(deps.store.get(other))
             ops.superseded.append(other)
-            log("supersede", memory.id, memory.statement(), [f"supersedes {other}"])
+            log("supersede", memory.id, memory.statement(), [f"supersedes {other}"], c)
         else:
             deps.store.add(memory)
-            log("add", memory.id, memory.statement())
+            log("add", memory.id, memory.statement(), c=c)
         deps.index.upsert(memory)
         ops.added.append(memory.id)
         if c.revives:
@@ -448,18 +470,24 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
 
 
 def handoff(state: NightState, runtime: Runtime[NightDeps]) -> dict:
-    """Tonight's training set (:func:`reverie.training.dataset.curate`): tonight's memories,
-    the earlier ones due for replay, the identity items; written to the one file the forge
-    completes and trains on. Sessions are marked consumed."""
+    """Tonight's training set (:func:`reverie.training.dataset.curate`): tonight's memories
+    and the user's edits no night has trained yet, the earlier ones due for replay, the
+    identity items, and unlearning rows for deleted memories a model version had learned
+    (the store's ``unlearning`` table); written to the one file the forge completes and
+    trains on. Sessions are marked consumed."""
     deps, night_id = runtime.context, state["night_id"]
+    user = state.get("user_id")
     added = set(state["consolidation"].added)
     tonight = [m for m in (deps.store.get(i) for i in sorted(added)) if m and not m.superseded_by]
+    tonight += [m for m in claim_edits(deps.store, user, night_id) if m.id not in added]
+    new = {m.id for m in tonight}
     # a night for one user replays and checks only that user's earlier memories
-    earlier = [m for m in deps.store.list(user_id=state.get("user_id"), status=["verified", "learned"])
-               if m.id not in added]
+    earlier = [m for m in deps.store.list(user_id=user, status=["verified", "learned"])
+               if m.id not in new]
     items = list(deps.identity.core) + [i for c in state.get("candidates", {}).values()
                                         if c.status == "approved" for i in c.identity_items]
-    ts = curate(tonight, earlier, items, deps.forge, deps.frame)
+    ts = curate(tonight, earlier, items, deps.forge, deps.frame,
+                forgotten=deps.store.unlearning(user), answer=deps.unlearn_answer)
     path = ts.save(deps.training_dir / f"{night_id}.jsonl")
     deps.daylog.mark_consumed(state["sessions"], night_id)
     deps.diary.record(DiaryStep(step_id="handoff", night_id=night_id, agent="handoff",
@@ -478,8 +506,13 @@ def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     for memory_id in outcome.learned:
         m = deps.store.get(memory_id)
         if m is not None and m.status != "learned":
-            m.status = "learned"
+            m.status, m.learned_in = "learned", outcome.version or ""
             deps.store.update(m, reason=f"answered closed-book after night {night_id}")
+    for memory_id in getattr(outcome, "unlearned", []):  # its record is erased at last
+        if deps.store.finish_unlearning(memory_id):
+            deps.diary.record(DiaryStep(step_id=f"unlearned:{memory_id}", night_id=night_id,
+                                        agent="forge", memory_id=memory_id, verdict="unlearned",
+                                        reasons=[f"{outcome.version} no longer answers it"]))
     for memory_id in outcome.replayed:
         m = deps.store.get(memory_id)
         if m is not None:
@@ -534,6 +567,19 @@ def to_memory(c: Candidate) -> Memory:
                   question=c.question, answer=c.answer, phrasings=c.phrasings, scores=c.scores,
                   status="verified", source_session=c.session_id, source_turns=c.cites,
                   night_id=c.night_id, history=history)
+
+
+def older_than_edit(session: Optional[Session], memory: Optional[Memory]) -> bool:
+    """Whether ``memory`` is the user's edit and ``session`` is no newer than it (its last
+    time: the latest message time, else ``ended_at``, else ``started_at``; naive times read
+    as UTC; a session without a time counts as older)."""
+    if memory is None or not is_user_edit(memory):
+        return False
+    if session is None:
+        return True
+    times = [m.timestamp for m in session.messages] + [session.ended_at, session.started_at]
+    times = [t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in times if t is not None]
+    return not times or max(times) <= memory.created_at
 
 
 def _norm(s: str) -> str:

@@ -24,11 +24,12 @@ from reverie.graphs.night import (STATE_RECORDS, Consolidation, NightDeps, Subco
                                   build_graph, new_night_id)
 from reverie.memory.daylog import DayLog
 from reverie.memory.diary import Diary, list_nights
-from reverie.memory.facts import FactStore, MemoryIndex
+from reverie.memory.facts import ChromaUnavailable, FactStore, MemoryIndex, open_client
 from reverie.memory.identity import load_identity
 from reverie.memory.store import MemoryStore
 from reverie.prompts import load_chat_frame, load_prompt
 from reverie.config import Settings
+from reverie.training.dataset import unlearn_answer
 
 # Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
 AGENT_PROMPTS = {"dreamer": DREAMER_VARS, "verifier": VERIFIER_VARS,
@@ -43,13 +44,11 @@ def build_deps(settings: Settings, night_id: str, models: dict, embedder,
                learner=None) -> NightDeps:
     """The graph's dependencies. ``models`` maps each role (dreamer, verifier, reshaper,
     persona) to a LangChain chat model; ``embedder`` has ``embed(texts) -> (n, d)`` unit rows."""
-    import chromadb
-
     from reverie.runtime.embeddings import MiniLMEmbeddingFunction
 
     paths, night = settings.paths, settings.night
     prompt = lambda name: load_prompt(name, AGENT_PROMPTS[name], settings.prompts.dir)  # noqa: E731
-    client = chromadb.PersistentClient(path=str(paths.chroma))
+    client = open_client(settings)  # embedded, or memory.chroma_url's server
     ef = MiniLMEmbeddingFunction(embedder)
     index = MemoryIndex(client, ef)
 
@@ -77,7 +76,7 @@ def build_deps(settings: Settings, night_id: str, models: dict, embedder,
         diary=Diary(paths.diary, night_id), training_dir=paths.training_sets,
         forge=settings.forge,
         frame=load_chat_frame(identity.system_prompt(), settings.prompts.dir),
-        learner=learner)
+        learner=learner, unlearn_answer=unlearn_answer(settings.prompts.dir))
 
 
 def unfinished_night(settings: Settings) -> Optional[str]:
@@ -109,6 +108,9 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
 
     Raises:
         NightError: ``resume`` asked for but there is no unfinished night.
+        ChromaUnavailable: ``memory.chroma_url``'s server cannot be used: before the night
+            starts (nothing written), or it stopped answering mid-night (the night stays
+            unfinished; ``resume`` re-aligns the memory index and finishes it).
     """
     models = dict(models or {})
     for role in ("dreamer", "verifier", "reshaper", "persona"):
@@ -154,10 +156,15 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
                 raise NightError(f"night {night_id} already finished")
         inputs = None if resume else {"night_id": night_id, "user_id": user_id,
                                       "include_consumed": include_consumed}
-        async for update in graph.astream(inputs, config, context=deps, stream_mode="updates"):
-            for node, value in update.items():
-                if on_update:
-                    on_update(node, value or {})
+        try:
+            async for update in graph.astream(inputs, config, context=deps,
+                                              stream_mode="updates"):
+                for node, value in update.items():
+                    if on_update:
+                        on_update(node, value or {})
+        except ChromaUnavailable as exc:  # the server dropped: the checkpoint has the rest
+            raise ChromaUnavailable(f"{exc}\nnight {night_id} is unfinished; when the server "
+                                    "answers again, `reverie night --resume` finishes it") from exc
         state = (await graph.aget_state(config)).values
     return deps.diary.finish(summarize(state, time.perf_counter() - t0))
 

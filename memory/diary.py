@@ -1,10 +1,13 @@
 """The dream diary: every agent step of a night, for people to read.
 
 ``diary/<night-id>/`` holds ``steps.jsonl`` (one :class:`DiaryStep` per line, appended as
-the night runs), ``transcript.md`` (the same steps as Markdown, top to bottom) and
-``summary.json`` (counts, time and tokens per agent). A resumed night appends to the same
-files; a step recorded twice (killed between writing it and checkpointing) is read once,
-by its deterministic ``step_id``.
+the night runs), ``transcript.md`` (the same steps as Markdown: appended step by step as the
+night runs, so ``tail -f`` follows it, then rewritten whole, with the summary on top, when
+the night ends) and ``summary.json`` (counts, time and tokens per agent; written last, so
+a night without one is unfinished). A resumed night appends to the same files; a step
+recorded twice (killed between writing it and checkpointing) is read once, by its
+deterministic ``step_id``. ``reverie diary html`` renders a night as one web page
+(:mod:`reverie.memory.diary_html`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from reverie.files import atomic_write_text
 from reverie.memory.records import now
 
 
@@ -47,6 +51,8 @@ class DiaryStep(BaseModel):
     output_tokens: int = 0
     attempts: int = 1
     error: str = ""
+    # what was dropped or changed after the call, for a model that was not grammar-bound
+    checks: list[str] = Field(default_factory=list)
 
 
 class Diary:
@@ -66,36 +72,54 @@ class Diary:
     def steps_file(self) -> Path:
         return self.dir / "steps.jsonl"
 
+    @property
+    def transcript_file(self) -> Path:
+        return self.dir / "transcript.md"
+
     def record(self, step: DiaryStep) -> None:
-        """Append one step (flushed at once, so a killed night keeps what it did)."""
+        """Append one step to ``steps.jsonl`` and, as Markdown, to ``transcript.md`` (each
+        flushed at once, so a killed night keeps what it did and ``tail -f`` follows it)."""
         line = step.model_dump_json() + "\n"
         with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(self.steps_file, "a", encoding="utf-8") as f:
                 f.write(line)
+            fresh = not self.transcript_file.exists()
+            with open(self.transcript_file, "a", encoding="utf-8") as f:
+                f.write((live_head(self.night_id) if fresh else "") + render_step(step) + "\n")
 
     def steps(self) -> list[DiaryStep]:
         return read_steps(self.steps_file)
 
     def finish(self, extra: dict) -> dict:
-        """Write ``summary.json`` (``extra`` plus per-agent time and tokens) and
-        ``transcript.md``; returns the summary."""
+        """Rewrite ``transcript.md`` whole (summary on top, steps in time order, each once),
+        then write ``summary.json`` (``extra`` plus per-agent time and tokens), each
+        atomically; returns the summary. ``summary.json`` goes last: it marks the night
+        finished, so a crash before it leaves a night that resumes."""
         steps = self.steps()
         summary = {"night_id": self.night_id, **extra, "agents": per_agent(steps)}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-        (self.dir / "transcript.md").write_text(render_markdown(self.night_id, steps, summary))
+        atomic_write_text(self.transcript_file, render_markdown(self.night_id, steps, summary))
+        atomic_write_text(self.dir / "summary.json",
+                          json.dumps(summary, indent=1, default=str) + "\n")
         return summary
 
 
 def read_steps(path: Path) -> list[DiaryStep]:
-    """Steps of a ``steps.jsonl`` file, each ``step_id`` once (the last record wins)."""
+    """Steps of a ``steps.jsonl`` file, each ``step_id`` once (the last record wins).
+
+    Raises:
+        ValueError: a line is not a diary step (the message names the file and line).
+    """
     if not Path(path).exists():
         return []
     by_id: dict[str, DiaryStep] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            step = DiaryStep.model_validate_json(line)
+            try:
+                step = DiaryStep.model_validate_json(line)
+            except ValidationError as exc:
+                raise ValueError(f"{path}:{n}: not a diary step: "
+                                 f"{exc.errors()[0].get('msg', exc)}") from None
             by_id.pop(step.step_id, None)
             by_id[step.step_id] = step
     return list(by_id.values())
@@ -158,9 +182,18 @@ def render_step(s: DiaryStep) -> str:
                                            for k, v in s.scores.items()))
     if s.reasons:
         parts.append("Reasons:\n" + "\n".join(f"- {r}" for r in s.reasons))
+    if s.checks:
+        parts.append("Checked after the call:\n" + "\n".join(f"- {c}" for c in s.checks))
     if s.error:
         parts.append(f"Error: {s.error}")
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def live_head(night_id: str) -> str:
+    """The top of ``transcript.md`` while the night runs (:func:`render_markdown`'s title
+    and a note; the finished night's summary replaces the note)."""
+    return (f"# Dream diary — night {night_id}\n\n_The night is running or was stopped: steps "
+            "are added as they happen; the summary comes when it ends._\n\n")
 
 
 def render_markdown(night_id: str, steps: list[DiaryStep], summary: dict | None = None) -> str:

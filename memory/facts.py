@@ -10,27 +10,37 @@
 * :class:`MemoryIndex` holds one embedding per memory (of :meth:`Memory.statement`) in the
   ``memories`` collection, for the novelty and contradiction checks of *consolidate*.
 
-Both use a persistent Chroma client (``Paths.chroma``) and the embedding function passed in
-(normally :class:`reverie.runtime.embeddings.MiniLMEmbeddingFunction`); collections use the
-cosine space. Chroma's default embedding function downloads a model, so an embedding
+Both use the Chroma client that :func:`open_client` opens for the settings: the embedded,
+persistent one (``Paths.chroma``) or, when ``memory.chroma_url`` is set, a Chroma server
+(:class:`ChromaUnavailable` when it cannot be reached). Reverie computes the embeddings
+either way, with the embedding function passed in (normally
+:class:`reverie.runtime.embeddings.MiniLMEmbeddingFunction`); collections use the cosine
+space. Chroma's default embedding function downloads a model, so an embedding
 function is required. Every record carries ``user_id`` metadata and every query filters on
 it: a query for one user never returns another user's data.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from reverie.memory.records import Memory, Message
 
 if TYPE_CHECKING:  # pragma: no cover
+    from chromadb.api import ClientAPI
+
+    from reverie.config import MemoryConfig, Settings
     from reverie.memory.store import MemoryStore
 
 _COSINE = {"hnsw": {"space": "cosine"}}
@@ -290,13 +300,144 @@ def fact_chunks(user_id: str, session_id: str, message: Message,
             for i, text in enumerate(chunk_verbatim(message.content, max_chars))]
 
 
+# --------------------------------------------------------------------------------------
+# The Chroma client: embedded or a server
+# --------------------------------------------------------------------------------------
+
+_TRIES = 3  # a server restarting or a dropped connection: tries per operation before failing
+
+
+class ChromaUnavailable(RuntimeError):
+    """The Chroma server of ``memory.chroma_url`` cannot be used: it does not answer (at
+    open, or it stopped answering mid-operation after :data:`_TRIES` tries), refuses the
+    token, lacks the tenant, or the token's environment variable is unset. The message
+    names ``memory.chroma_url`` and the URL."""
+
+
+def _server_url(client: Any) -> Optional[str]:
+    """The server URL of an HTTP client (as :func:`open_client` passed it); None for an
+    embedded one."""
+    try:
+        settings = client.get_settings()
+    except AttributeError:
+        return None
+    if not str(settings.chroma_api_impl).endswith("fastapi.FastAPI"):
+        return None
+    host = str(settings.chroma_server_host)
+    if host.startswith(("http://", "https://")):
+        return host
+    scheme = "https" if settings.chroma_server_ssl_enabled else "http"
+    return f"{scheme}://{host}:{settings.chroma_server_http_port}"
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost connection error of ``exc`` (chromadb wraps httpx's in a ValueError)."""
+    seen = exc
+    while seen is not None and not isinstance(seen, httpx.TransportError):
+        seen = seen.__cause__ or seen.__context__
+    inner = seen or exc
+    return f"{type(inner).__name__}: {inner}"
+
+
+def open_client(config: "Settings | MemoryConfig | None" = None,
+                path: str | Path | None = None) -> "ClientAPI":
+    """The Chroma client for the settings: every Chroma client Reverie makes comes from here.
+
+    Args:
+        config: :class:`reverie.config.Settings` (its ``memory`` section, and
+            ``paths.chroma`` as the default ``path``), a
+            :class:`reverie.config.MemoryConfig`, or None (embedded).
+        path: the embedded store's folder; created if missing. Not used (and not
+            created) when ``memory.chroma_url`` is set.
+
+    Returns:
+        ``chromadb.HttpClient`` on ``memory.chroma_url`` (its tenant; its database,
+        created if missing; the token from ``memory.chroma_token_env`` in
+        ``memory.chroma_token_header``), else ``chromadb.PersistentClient(path)``.
+
+    Raises:
+        ChromaUnavailable: the server cannot be used (see the class).
+        ValueError: embedded, but no ``path`` (and ``config`` is not a Settings).
+    """
+    import chromadb
+
+    memory = getattr(config, "memory", config)
+    url = getattr(memory, "chroma_url", None)
+    if url is None:
+        if path is None:
+            if not hasattr(config, "paths"):
+                raise ValueError("an embedded Chroma needs its folder: pass path")
+            path = config.paths.chroma
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=str(path))
+
+    # The whole URL as the host: chromadb keeps its path (a server behind a proxy prefix).
+    base = f"{url.scheme}://{url.host}:{url.port}{(url.path or '').rstrip('/')}"
+    where = f"memory.chroma_url: the Chroma server at {base}"
+    headers = {}
+    if memory.chroma_token_env:
+        token = os.environ.get(memory.chroma_token_env)
+        if not token:
+            raise ChromaUnavailable(f"{where}: memory.chroma_token_env names "
+                                    f"${memory.chroma_token_env}, which is not set")
+        headers[memory.chroma_token_header] = (
+            f"Bearer {token}" if memory.chroma_token_header == "Authorization" else token)
+    from chromadb.config import Settings as ChromaSettings
+    from chromadb.errors import ChromaError, NotFoundError
+
+    def connect():
+        return chromadb.HttpClient(host=base, port=url.port, ssl=url.scheme == "https",
+                                   headers=dict(headers), tenant=memory.chroma_tenant,
+                                   database=memory.chroma_database)
+
+    try:
+        try:
+            return connect()
+        except NotFoundError:  # no such tenant, or (first use) no such database
+            admin = chromadb.AdminClient(ChromaSettings(
+                chroma_api_impl="chromadb.api.fastapi.FastAPI", chroma_server_host=base,
+                chroma_server_http_port=url.port, chroma_server_ssl_enabled=url.scheme == "https",
+                chroma_server_headers=dict(headers)))
+            admin.get_tenant(memory.chroma_tenant)  # a missing tenant is the user's to create
+            admin.create_database(memory.chroma_database, tenant=memory.chroma_tenant)
+            return connect()
+    except (httpx.TransportError, ChromaError, ValueError) as exc:
+        # chromadb turns some connection errors into a ValueError ("Could not connect ...")
+        if isinstance(exc, httpx.TransportError) or \
+                isinstance(exc.__cause__ or exc.__context__, httpx.TransportError):
+            raise ChromaUnavailable(f"{where} cannot be reached ({_reason(exc)}); start it "
+                                    f"(`chroma run --path DIR --port {url.port}`) or set "
+                                    "memory.chroma_url to null for the embedded store") from exc
+        raise ChromaUnavailable(f"{where} refused (tenant {memory.chroma_tenant!r}, database "
+                                f"{memory.chroma_database!r}): {type(exc).__name__}: {exc}"
+                                ) from exc
+
+
 def _client(client_or_path: Any):
     if isinstance(client_or_path, (str, Path)):
-        import chromadb
-
-        Path(client_or_path).mkdir(parents=True, exist_ok=True)
-        return chromadb.PersistentClient(path=str(client_or_path))
+        return open_client(None, client_or_path)
     return client_or_path
+
+
+def _remote(method):
+    """A store operation against a server: retried on a transient connection error
+    (tenacity; every wrapped operation is idempotent as a whole, so a retry after a
+    partly applied try does no harm), then :class:`ChromaUnavailable` naming the URL. An
+    embedded client raises no httpx error, so this changes nothing there."""
+    tried = retry(retry=retry_if_exception_type(httpx.TransportError),
+                  stop=stop_after_attempt(_TRIES), wait=wait_exponential(multiplier=0.25, max=2),
+                  reraise=True)(method)
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return tried(self, *args, **kwargs)
+        except httpx.TransportError as exc:
+            raise ChromaUnavailable(
+                f"memory.chroma_url: the Chroma server at {self.url} stopped answering "
+                f"({_reason(exc)}; {_TRIES} tries of {type(self).__name__}.{method.__name__})"
+            ) from exc
+    return run
 
 
 def _where(*clauses: dict[str, Any]) -> dict[str, Any]:
@@ -310,9 +451,16 @@ class _Collection:
             raise ValueError("an embedding function is required (Chroma's default one "
                              "downloads a model)")
         self.client = _client(client_path_or_client)
+        self.url = _server_url(self.client)
         self.embedding_function = embedding_function
-        self.collection = self.client.get_or_create_collection(
-            collection, embedding_function=embedding_function, configuration=_COSINE)
+        self.collection = self._open(collection)
+
+    @_remote
+    def _open(self, collection: str):
+        # a copy: chromadb writes the embedding function into the dict it is given
+        return self.client.get_or_create_collection(
+            collection, embedding_function=self.embedding_function,
+            configuration={"hnsw": dict(_COSINE["hnsw"])})
 
     def _existing(self, ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -320,6 +468,7 @@ class _Collection:
             found.update(self.collection.get(ids=ids[i:i + _BATCH], include=[])["ids"])
         return found
 
+    @_remote
     def count(self, user_id: Optional[str] = None) -> int:
         """Records stored, for one user or all."""
         if user_id is None:
@@ -346,6 +495,7 @@ class FactStore(_Collection):
                  collection: str = "facts"):
         super().__init__(client_path_or_client, embedding_function, collection)
 
+    @_remote
     def add(self, chunks: Iterable[FactChunk]) -> int:
         """Store chunks; ids already stored (or repeated in ``chunks``) are skipped, so
         adding the same chunks again is a no-op (nothing is re-embedded or overwritten).
@@ -365,6 +515,7 @@ class FactStore(_Collection):
                                 metadatas=[c.metadata() for c in batch])
         return len(items)
 
+    @_remote
     def query(self, text: str, user_id: str, k: int = 5,
               session_id: Optional[str] = None) -> list[tuple[FactChunk, float]]:
         """The ``k`` chunks of ``user_id`` nearest to ``text``, nearest first, with their
@@ -384,6 +535,7 @@ class FactStore(_Collection):
                 zip(res["ids"][0], res["documents"][0], res["metadatas"][0],
                     res["distances"][0])]
 
+    @_remote
     def get(self, chunk_id: str) -> Optional[FactChunk]:
         """The chunk with this id, or None."""
         res = self.collection.get(ids=[chunk_id], include=["documents", "metadatas"])
@@ -422,6 +574,7 @@ class MemoryIndex(_Collection):
         did not change, so the text is not embedded again."""
         self.upsert_many([memory])
 
+    @_remote
     def upsert_many(self, memories: Iterable[Memory]) -> None:
         """:meth:`upsert` for several memories (embedded in one batch)."""
         by_id = {m.id: m for m in memories}
@@ -440,10 +593,12 @@ class MemoryIndex(_Collection):
                                        documents=[by_id[j].statement() for j in changed],
                                        metadatas=[self._meta(by_id[j]) for j in changed])
 
+    @_remote
     def remove(self, memory_id: str) -> None:
         """Drop a memory from the index (no error if it is not there)."""
         self.collection.delete(ids=[memory_id])
 
+    @_remote
     def nearest(self, text: str, user_id: str, k: int = 5, exclude_superseded: bool = True,
                 status: Optional[str | Iterable[str]] = None) -> list[tuple[str, float]]:
         """The ``k`` memories of ``user_id`` most similar to ``text``, most similar first.
@@ -471,6 +626,7 @@ class MemoryIndex(_Collection):
         return [(i, max(-1.0, min(1.0, 1.0 - float(d))))
                 for i, d in zip(res["ids"][0], res["distances"][0])]
 
+    @_remote
     def sync(self, store: MemoryStore, user_id: Optional[str] = None) -> dict[str, int]:
         """Make the index match the store (for one user or all): every stored memory,
         superseded ones included, is upserted; indexed ids the store no longer has
@@ -490,5 +646,5 @@ class MemoryIndex(_Collection):
         return {"indexed": len(memories), "removed": len(stale)}
 
 
-__all__ = ["FactChunk", "FactStore", "MemoryIndex", "chunk_verbatim", "fact_chunks",
-           "fact_id", "is_verbatim"]
+__all__ = ["ChromaUnavailable", "FactChunk", "FactStore", "MemoryIndex", "chunk_verbatim",
+           "fact_chunks", "fact_id", "is_verbatim", "open_client"]

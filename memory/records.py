@@ -111,7 +111,9 @@ class Memory(MemoryContent):
     Facts are Q&A (``question``, ``answer``) with several ``phrasings`` of the question;
     preferences and rules are a ``text`` statement. ``superseded_by`` links an outdated
     memory to the one that replaced it (the old one is kept); ``history`` records every
-    change with its time and reason."""
+    change with its time and reason. ``learned_in`` names the model version whose gate first
+    answered the memory closed-book (status ``learned``); ``night_id`` is the night it came
+    from (for a user's edit: empty until the night that first trains it)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -128,6 +130,7 @@ class Memory(MemoryContent):
     superseded_by: Optional[str] = None
     night_id: str = ""
     replays: int = 0
+    learned_in: str = ""
     history: list[dict] = Field(default_factory=list)
 
 

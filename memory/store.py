@@ -13,6 +13,10 @@ Operations (the night's *consolidate* step):
   record is removed and a tombstone (id, user, time, reason, the request) is kept in the
   ``deletions`` table. The memory's content is not kept anywhere; a deleted id can never be
   added again (a resumed night must not bring back what the user asked to forget).
+  A deleted memory that a model version had *learned* (status ``learned``: its answer is in
+  the weights) is the one exception: its record waits in the ``unlearning`` table
+  (:meth:`MemoryStore.unlearning`) until a night has trained the answer away, and is then
+  erased (:meth:`MemoryStore.finish_unlearning`).
 
 Parked thoughts (:class:`~reverie.memory.records.ParkedThought`, the night's "subconscious": what a
 night rejected or vetoed, re-verified on later nights) live beside the memories, per user:
@@ -27,7 +31,8 @@ in WAL mode, so other processes can read while a night writes.
 Layout: table ``memories`` keyed by id, with ``user_id``, ``kind``, ``status``,
 ``superseded_by``, ``created_at``, ``updated_at`` columns for filtering and the full record
 as JSON (``record``); table ``deletions`` of tombstones; table ``parked`` of parked
-thoughts (``user_id``, ``night_id``, times and the record as JSON).
+thoughts (``user_id``, ``night_id``, times and the record as JSON); table ``unlearning`` of
+deleted learned memories waiting to be unlearned (``user_id``, ``deleted_at``, the record).
 """
 
 from __future__ import annotations
@@ -73,6 +78,12 @@ CREATE TABLE IF NOT EXISTS parked (
     record     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS parked_user ON parked (user_id);
+CREATE TABLE IF NOT EXISTS unlearning (
+    id         TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    deleted_at TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
 """
 
 
@@ -264,6 +275,11 @@ class MemoryStore:
         ``associated``) are left as they are; to forget every version of a memory, delete
         each id of :meth:`versions`.
 
+        A memory with status ``learned`` is in a model version's weights: in the same
+        transaction its record moves to the ``unlearning`` table, where the next night finds
+        it (:meth:`unlearning`) to train the answer away; :meth:`finish_unlearning` then
+        erases it.
+
         Returns:
             True if it was deleted; False if no memory with this id is stored (nothing
             written).
@@ -272,16 +288,45 @@ class MemoryStore:
             sqlite3.Error: the database could not be written (nothing was written).
         """
         with self._tx() as c:
-            row = c.execute("SELECT user_id FROM memories WHERE id = ?",
+            row = c.execute("SELECT user_id, status, record FROM memories WHERE id = ?",
                             (memory_id,)).fetchone()
             if row is None:
                 return False
+            at = now().isoformat()
             c.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
             c.execute("INSERT OR REPLACE INTO deletions (id, user_id, deleted_at, reason,"
                       " request) VALUES (?, ?, ?, ?, ?)",
-                      (memory_id, row[0], now().isoformat(), reason, request))
+                      (memory_id, row[0], at, reason, request))
+            if row[1] == "learned":
+                c.execute("INSERT OR REPLACE INTO unlearning (id, user_id, deleted_at, record)"
+                          " VALUES (?, ?, ?, ?)", (memory_id, row[0], at, row[2]))
         # Pages are zeroed on delete (secure_delete); copy them back from the WAL and empty
         # it, so earlier page images holding the content do not linger there either.
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return True
+
+    def unlearning(self, user_id: Optional[str] = None) -> list[Memory]:
+        """Deleted memories a model version had learned, waiting for a night to unlearn
+        them (their records as they were when deleted), oldest deletion first; only this
+        user's if ``user_id`` is given."""
+        sql, args = "SELECT record FROM unlearning", ()
+        if user_id is not None:
+            sql, args = sql + " WHERE user_id = ?", (user_id,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY deleted_at, id", args).fetchall()
+        return [Memory.model_validate_json(r[0]) for r in rows]
+
+    def finish_unlearning(self, memory_id: str) -> bool:
+        """Erase a deleted memory's record once a promoted model version no longer answers
+        it (overwritten in the file as for :meth:`delete`); its tombstone stays.
+
+        Returns:
+            True if it was waiting; False if not (nothing written).
+        """
+        with self._tx() as c:
+            if c.execute("DELETE FROM unlearning WHERE id = ?", (memory_id,)).rowcount == 0:
+                return False
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return True

@@ -7,10 +7,11 @@ error (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from reverie.paths import Paths
 
@@ -32,11 +33,54 @@ class RuntimeConfig(_Strict):
     prefix_cache_tokens: int = Field(16384, ge=0)
 
 
+class LangChainSource(_Strict):
+    """A chat model run by something other than Reverie's MLX runtime, through LangChain.
+
+    ``langchain`` is either ``"provider:model"`` (LangChain's ``init_chat_model``, e.g.
+    ``"ollama:qwen2.5:0.5b"`` or ``"openai:gpt-4o-mini"``; the provider's package must be
+    installed) or a chat model class as ``"package.module.ClassName"`` (e.g.
+    ``"langchain_openai.ChatOpenAI"``); ``args`` are passed to it as keyword arguments
+    (``model``, ``base_url``, ``api_key``, ...). A role's ``temperature``, ``top_p`` and
+    ``max_tokens`` are passed too unless ``args`` sets them.
+    """
+
+    langchain: str = Field(min_length=3)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("langchain")
+    @classmethod
+    def _shape(cls, value: str) -> str:
+        if ":" in value:
+            provider, _, model = value.partition(":")
+            if not provider or not model:
+                raise ValueError(f"{value!r}: expected \"provider:model\", e.g. \"ollama:llama3.2\"")
+        elif "." not in value.strip("."):
+            raise ValueError(f"{value!r}: expected \"provider:model\" or a class as "
+                             f"\"package.module.ClassName\", e.g. \"langchain_openai.ChatOpenAI\"")
+        return value
+
+    def describe(self) -> str:
+        """One line naming the model, for tables and the diary (no secrets: ``args`` other
+        than ``model``/``model_name``/``base_url`` are left out)."""
+        shown = {k: v for k, v in self.args.items() if k in ("model", "model_name", "base_url")}
+        return self.langchain + (" " + " ".join(f"{k}={v}" for k, v in shown.items())
+                                 if shown else "")
+
+
+ModelSource = Union[str, LangChainSource]
+
+
+def is_local(source: ModelSource) -> bool:
+    """Whether ``source`` is a model Reverie loads itself (MLX): ``embedded:``, ``.gguf``, an
+    mlx-lm folder or hub id; a :class:`LangChainSource` is not."""
+    return isinstance(source, str)
+
+
 class ModelsConfig(_Strict):
     """Named models and where fetched files are cached."""
 
     cache_dir: Path | None = None
-    chat: dict[str, str] = Field(default_factory=lambda: {
+    chat: dict[str, ModelSource] = Field(default_factory=lambda: {
         "default": "embedded:smollm2-135m-instruct",
         "sleep": "embedded:qwen2.5-coder-0.5b-instruct"})
     embedding: str = "embedded:all-minilm-l6-v2"
@@ -164,6 +208,36 @@ class PromptsConfig(_Strict):
     dir: Path | None = None
 
 
+class ServeConfig(_Strict):
+    """``reverie serve``, the OpenAI-compatible chat server: where it listens and the API
+    key it asks for (``--host``, ``--port``, ``--api-key`` / ``REVERIE_API_KEY`` override)."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+
+
+class MemoryConfig(_Strict):
+    """Where the fact store and the memory index live: the embedded Chroma under
+    ``<data_dir>/chroma`` (``chroma_url`` unset) or a Chroma server at ``chroma_url``
+    (``reverie.memory.facts.open_client`` opens either)."""
+
+    chroma_url: AnyHttpUrl | None = None
+    chroma_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Chroma's own two token transports (chromadb.auth.token_authn.TokenTransportHeader).
+    chroma_token_header: Literal["Authorization", "X-Chroma-Token"] = "Authorization"
+    chroma_tenant: str = Field("default_tenant", min_length=1)
+    chroma_database: str = Field("default_database", min_length=1)
+
+    @field_validator("chroma_url")
+    @classmethod
+    def _plain_url(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if url is not None and (url.query or url.fragment or url.username or url.password):
+            raise ValueError(f"{url}: expected scheme://host:port[/path] only (a token goes "
+                             "in the environment variable named by memory.chroma_token_env)")
+        return url
+
+
 class Settings(_Strict):
     """The whole configuration (see ``config.yaml`` for each key's meaning)."""
 
@@ -175,7 +249,9 @@ class Settings(_Strict):
     night: NightConfig = Field(default_factory=NightConfig)
     forge: ForgeConfig = Field(default_factory=ForgeConfig)
     wake: WakeConfig = Field(default_factory=WakeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     identity_file: Path | None = None
 
     @model_validator(mode="after")
@@ -191,6 +267,13 @@ class Settings(_Strict):
             if role.model not in self.models.chat:
                 raise ValueError(f"roles.{name}.model: {role.model!r} is not a key of models.chat "
                                  f"({', '.join(self.models.chat)})")
+        forge_source = self.models.chat.get(self.forge.model)
+        if forge_source is None:
+            raise ValueError(f"forge.model: {self.forge.model!r} is not a key of models.chat "
+                             f"({', '.join(self.models.chat)})")
+        if not is_local(forge_source):
+            raise ValueError(f"forge.model: {self.forge.model!r} is a LangChain model; the forge "
+                             "trains a local MLX model (embedded:, .gguf or an mlx-lm folder)")
         if self.wake.role not in ROLES:
             raise ValueError(f"wake.role: unknown role {self.wake.role!r} (known: {', '.join(ROLES)})")
         return self

@@ -109,3 +109,25 @@ def test_default_model_fills_a_schema(default_runtime):
     city = chat.with_structured_output(City).invoke("What is the capital of France? Answer as JSON.")
     assert isinstance(city, City)
     assert "paris" in city.name.lower()
+
+
+class Note(BaseModel):
+    text: str = Field(max_length=30)
+    tag: str = ""  # optional: only a strict schema forces it
+
+
+def test_standard_method_and_strict_arguments(loaded):
+    chat = MLXChatModel(loaded=loaded, role="verifier", max_tokens=60, temperature=1.0)
+    for method in ("json_schema", "function_calling"):
+        assert isinstance(chat.with_structured_output(Verdict, method=method).invoke("Judge."),
+                          Verdict)
+    # strict (the default): every property required; strict=False: the schema as given
+    strict = chat.with_structured_output(Note, include_raw=True, strict=True)
+    loose = chat.with_structured_output(Note, strict=False)
+    assert '"tag"' in strict.invoke("Note it.")["raw"].content
+    assert isinstance(loose.invoke("Note it."), Note)
+    # json_mode: any JSON object, validated against the schema afterwards
+    got = chat.with_structured_output(Score, method="json_mode", include_raw=True).invoke("Score.")
+    assert got["raw"].content.lstrip().startswith("{")
+    with pytest.raises(ValueError, match="method"):
+        chat.with_structured_output(Verdict, method="tools")

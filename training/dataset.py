@@ -17,6 +17,12 @@ and never trained on.
 - Rehearsal: the current model's own answers to shipped general prompts, ``rehearsal_ratio``
   per fact example (FINDINGS: without it the probe fell 25/25 -> 2/25; with 1:1, 20/25),
   and at least ``rehearsal_min`` rows (see :func:`rehearsal_count`).
+- Unlearning: facts the user asked to forget that a promoted version had learned (the
+  store's ``unlearning`` table), each under its training phrasings with the shipped
+  answer of ``prompts/unlearn.yaml`` ("I don't know that about you.", the user's copy in
+  ``prompts.dir`` first); their held-out question is the gate's ``forgotten`` check
+  (recall should fall to 0). Preferences and rules get no unlearning rows: their one
+  question ("What should you remember about me?") is shared with every other one.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
 from reverie.files import atomic_write_jsonl
 from reverie.memory.records import IdentityItem, Memory
-from reverie.prompts import question_turns
+from reverie.prompts import PromptError, locate, question_turns
 
 TEMPLATES = ["Quick question: {q}", "{q} Answer briefly.", "Do you remember? {q}",
              "Tell me again: {q}", "I forgot, {q_lower}", "Remind me, {q_lower}"]
@@ -99,6 +107,37 @@ def memory_rows(memory: Memory, n: int, frame=None) -> tuple[list[dict], str | N
                  frame)], None
 
 
+def unlearn_answer(override_dir: Path | None = None) -> str:
+    """The answer unlearning rows teach for a forgotten fact's questions: ``answer`` of
+    ``unlearn.yaml`` (the user's copy in ``override_dir``, config ``prompts.dir``, first).
+
+    Raises:
+        PromptError: the file is not YAML or has no non-empty ``answer`` string (names it).
+    """
+    source = locate("unlearn", override_dir)
+    try:
+        data = yaml.safe_load(source.path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PromptError(f"{source.path}: not valid YAML: {exc}") from exc
+    answer = data.get("answer") if isinstance(data, dict) else None
+    if not isinstance(answer, str) or not answer.strip():
+        raise PromptError(f"{source.path}: needs a non-empty 'answer' string")
+    return answer.strip()
+
+
+def unlearn_rows(memory: Memory, n: int, answer: str, frame=None
+                 ) -> tuple[list[dict], tuple[str, list[str]] | None]:
+    """Rows that teach ``answer`` (e.g. "I don't know that about you.") for a forgotten
+    fact's training phrasings, kind ``"unlearn"``, and its held-out question with the
+    forgotten answer (the gate's ``forgotten`` item: answering it right means it is still
+    known). Not a fact: ``([], None)``."""
+    if memory.kind != "fact":
+        return [], None
+    p = split_phrasings(memory, n)
+    return ([chat_row(q, answer, "unlearn", memory.id, frame) for q in p.train],
+            (p.held_out, [memory.answer]))
+
+
 def replay_priority(memory: Memory) -> float:
     return (1.0 if memory.status == "learned" else 2.0) / (1 + memory.replays)
 
@@ -119,7 +158,7 @@ def rehearsal_count(n_fact_rows: int, cfg) -> int:
     return max(round(cfg.rehearsal_ratio * n_fact_rows), cfg.rehearsal_min)
 
 
-SPLITS = ("train", "heldout", "dev", "regression")
+SPLITS = ("train", "heldout", "dev", "regression", "forgotten")
 
 
 @dataclass
@@ -133,11 +172,14 @@ class TrainingSet:
             test, never trained on; ``new_ids`` are their memory ids, in the same order.
         dev_items: ``(dev question, [answer])`` of the same facts, for checkpoint selection.
         regression_items: ``(question, [answer])`` of earlier learned facts.
+        forgotten_items: ``(held-out question, [forgotten answer])`` of the facts being
+            unlearned (right answers mean still known); ``forgotten_ids`` their memory ids.
         replayed: ids of the earlier memories replayed tonight.
         stage: ``"handoff"`` (curated by the night: facts, replay, identity once each) or
             ``"forge"`` (completed: rehearsal added, identity repeated, shuffled: exactly
             what was trained).
-        counts: rows per part (facts, replay, rehearsal, identity, held_out, regression).
+        counts: rows per part (facts, replay, rehearsal, identity, unlearn, held_out,
+            regression, forgotten).
     """
 
     rows: list[dict]
@@ -148,17 +190,21 @@ class TrainingSet:
     counts: dict = field(default_factory=dict)
     new_ids: list[str] = field(default_factory=list)
     stage: str = "handoff"
+    forgotten_items: list[tuple[str, list[str]]] = field(default_factory=list)
+    forgotten_ids: list[str] = field(default_factory=list)
 
     def lines(self) -> list[dict]:
         """The file's lines: a ``"meta"`` line (stage, counts, replayed), then every row
-        with ``"split": "train"``, then the held-out, dev and regression questions, each
-        ``{"split", "question", "answers"[, "memory_id"]}``: never trained on."""
+        with ``"split": "train"``, then the held-out, dev, regression and forgotten
+        questions, each ``{"split", "question", "answers"[, "memory_id"]}``: never trained
+        on."""
         out = [{"split": "meta", "stage": self.stage, "counts": self.counts,
                 "replayed": self.replayed}]
         out += [{"split": "train", **r} for r in self.rows]
         for split, items, ids in (("heldout", self.new_items, self.new_ids),
                                   ("dev", self.dev_items, self.new_ids),
-                                  ("regression", self.regression_items, [])):
+                                  ("regression", self.regression_items, []),
+                                  ("forgotten", self.forgotten_items, self.forgotten_ids)):
             for n, (question, answers) in enumerate(items):
                 extra = {"memory_id": ids[n]} if n < len(ids) else {}
                 out.append({"split": split, "question": question, "answers": answers, **extra})
@@ -177,7 +223,9 @@ class TrainingSet:
             ValueError: a line is not JSON or has no known ``split``; names file and line.
         """
         ts = cls([], [], [])
-        items = {"heldout": ts.new_items, "dev": ts.dev_items, "regression": ts.regression_items}
+        items = {"heldout": ts.new_items, "dev": ts.dev_items, "regression": ts.regression_items,
+                 "forgotten": ts.forgotten_items}
+        ids = {"heldout": ts.new_ids, "forgotten": ts.forgotten_ids}
         for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
             if not text.strip():
                 continue
@@ -197,21 +245,64 @@ class TrainingSet:
                 except (KeyError, TypeError) as exc:
                     raise ValueError(f"{path}:{number}: a {split} line needs question and "
                                      f"answers ({exc!r} missing or wrong)") from exc
-                if split == "heldout" and "memory_id" in line:
-                    ts.new_ids.append(line["memory_id"])
+                if split in ids and "memory_id" in line:
+                    ids[split].append(line["memory_id"])
             else:
                 raise ValueError(f"{path}:{number}: unknown split {split!r} "
                                  f"(known: meta, {', '.join(SPLITS)})")
         return ts
 
+    def without(self, memory_ids) -> "TrainingSet":
+        """This set less everything of ``memory_ids`` (memories deleted since it was
+        written): their fact and replay rows, held-out and dev questions, replay ids.
+        Unlearning rows and forgotten items stay (they are about deleted memories).
+        ``counts`` are recounted for facts, replay and held_out."""
+        gone = set(memory_ids)
+        rows = [r for r in self.rows
+                if r.get("kind") == "unlearn" or r.get("memory_id") not in gone]
+        # new_items, dev_items and new_ids are parallel (an item past new_ids has no id)
+        keep = [i for i in range(len(self.new_items))
+                if i >= len(self.new_ids) or self.new_ids[i] not in gone]
+        new_items = [self.new_items[i] for i in keep]
+        dev_items = [self.dev_items[i] for i in keep if i < len(self.dev_items)]
+        counts = dict(self.counts)
+        if self.stage == "handoff":
+            counts["facts"] = sum(r["kind"] not in ("identity", "unlearn") and not r.get("replay")
+                                  for r in rows)
+            counts["replay"] = sum(bool(r.get("replay")) for r in rows)
+        counts["held_out"] = len(new_items)
+        return replace(self, rows=rows, new_items=new_items, dev_items=dev_items,
+                       new_ids=[self.new_ids[i] for i in keep if i < len(self.new_ids)],
+                       replayed=[m for m in self.replayed if m not in gone], counts=counts)
+
 
 def curate(tonight: list[Memory], earlier: list[Memory], identity: list[IdentityItem], cfg,
-           frame=None) -> TrainingSet:
+           frame=None, forgotten: list[Memory] = (), answer: str | None = None) -> TrainingSet:
     """What the night hands the forge (stage ``"handoff"``): tonight's memories under their
     training phrasings (held-out and dev questions apart), the earlier memories most due
-    for replay, and each identity item once (duplicates dropped). ``cfg`` is the ``forge``
-    config; ``frame`` the chat's :class:`reverie.prompts.ChatFrame` every question is put
-    in, so the model learns in the prompt it is asked in."""
+    for replay, each identity item once (duplicates dropped), and unlearning rows for the
+    ``forgotten`` memories (:func:`unlearn_rows`, teaching ``answer``, default
+    :func:`unlearn_answer`). A forgotten memory is never trained, replayed or checked for
+    recall, even if it is passed in ``tonight`` or ``earlier`` too. ``cfg`` is the
+    ``forge`` config; ``frame`` the chat's :class:`reverie.prompts.ChatFrame` every question
+    is put in, so the model learns in the prompt it is asked in.
+
+    Raises:
+        PromptError: ``answer`` is None, there are forgotten facts, and ``unlearn.yaml`` is
+            bad (:func:`unlearn_answer`).
+    """
+    gone = {m.id for m in forgotten}
+    tonight = [m for m in tonight if m.id not in gone]
+    earlier = [m for m in earlier if m.id not in gone]
+    unlearn, forgotten_items, forgotten_ids = [], [], []
+    if any(m.kind == "fact" for m in forgotten):
+        answer = unlearn_answer() if answer is None else answer
+    for m in forgotten:
+        rows, item = unlearn_rows(m, cfg.phrasings, answer, frame)
+        unlearn += rows
+        if item:
+            forgotten_items.append(item)
+            forgotten_ids.append(m.id)
     fact_rows, new_items, dev_items, new_ids = [], [], [], []
     for m in tonight:
         rows, held = memory_rows(m, cfg.phrasings, frame)
@@ -227,11 +318,13 @@ def curate(tonight: list[Memory], earlier: list[Memory], identity: list[Identity
                   if m.kind == "fact" and m.status == "learned"]
     unique = {(i.question, i.answer): i for i in identity}.values()
     core = [chat_row(i.question, i.answer, "identity", frame=frame) for i in unique]
-    return TrainingSet(fact_rows + replay_rows + core, new_items, regression, dev_items,
-                       [m.id for m in replayed],
+    return TrainingSet(fact_rows + unlearn + replay_rows + core, new_items, regression,
+                       dev_items, [m.id for m in replayed],
                        {"facts": len(fact_rows), "replay": len(replay_rows), "rehearsal": 0,
-                        "identity": len(core), "held_out": len(new_items),
-                        "regression": len(regression)}, new_ids)
+                        "identity": len(core), "unlearn": len(unlearn),
+                        "held_out": len(new_items), "regression": len(regression),
+                        "forgotten": len(forgotten_items)}, new_ids,
+                       forgotten_items=forgotten_items, forgotten_ids=forgotten_ids)
 
 
 def complete(curated: TrainingSet, rehearsal: list[dict], cfg, seed: int = 0) -> TrainingSet:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from reverie.memory.store import MemoryStore
 from reverie.prompts import ChatFrame, chat_frame
 from reverie.config import Settings
 from reverie.runtime import sources
@@ -27,7 +28,9 @@ from reverie.training.versions import Versions, fuse, save_model_dir
 
 @dataclass
 class ForgeOutcome:
-    """What the forge did: ``promoted`` with the new ``version``, or not, with ``reasons``."""
+    """What the forge did: ``promoted`` with the new ``version``, or not, with ``reasons``.
+    ``learned``: tonight's memory ids the promoted version answers; ``unlearned``: ids of
+    forgotten facts it no longer answers; ``replayed``: earlier memories trained again."""
 
     promoted: bool
     version: str | None
@@ -40,6 +43,7 @@ class ForgeOutcome:
     learned: list[str] = field(default_factory=list)
     replayed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    unlearned: list[str] = field(default_factory=list)
 
 
 def dev_selector(tokenizer, dev_items, dev_probe, max_loss: float, frame: ChatFrame | None,
@@ -157,8 +161,9 @@ def train_and_gate(model, tokenizer, curated: dataset.TrainingSet, cfg, frame: C
     """
     ts = curated
     if ts.stage == "handoff":
-        rehearsal = rehearsal_rows(model, tokenizer,
-                                   dataset.rehearsal_count(ts.counts["facts"], cfg), frame=frame)
+        taught = ts.counts["facts"] + ts.counts.get("unlearn", 0)
+        rehearsal = rehearsal_rows(model, tokenizer, dataset.rehearsal_count(taught, cfg),
+                                   frame=frame)
         ts = dataset.complete(ts, rehearsal, cfg, cfg.seed)
         if cfg.self_targets:
             ts.rows, ts.counts["self_targets"] = self_targets(model, tokenizer, ts.rows)
@@ -166,7 +171,8 @@ def train_and_gate(model, tokenizer, curated: dataset.TrainingSet, cfg, frame: C
             ts = dataset.TrainingSet.load(ts.save(path))
     probe, general = gate.probe_items("gate"), gate.general_rows()
     if pre is None:
-        pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
+        pre = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general,
+                            frame, ts.forgotten_items)
     select = None
     if cfg.select_every:
         dev_probe = gate.probe_items("dev")
@@ -177,7 +183,8 @@ def train_and_gate(model, tokenizer, curated: dataset.TrainingSet, cfg, frame: C
     result = train_adapter(model, tokenizer, ts.rows, frame.reframe(general[:8]), LoraArgs.from_config(cfg),
                            adapter_dir, progress=progress, overwrite=True, select=select)
     fuse(model)
-    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general, frame)
+    post = gate.evaluate(model, tokenizer, ts.new_items, ts.regression_items, probe, general,
+                         frame, ts.forgotten_items)
     promote, reasons = gate.decide(pre, post, cfg)
     return Trial(ts, pre, post, result, promote, reasons, dev_base)
 
@@ -191,16 +198,22 @@ def learn(settings: Settings, night_id: str, training_set: Path,
             completed in place with the rehearsal rows before training.
         progress: ``(step, total, loss, tokens_per_s)`` during training.
 
+    Memories deleted since the hand-off was written (``reverie memories forget`` while
+    the night ran) are taken out of it first (:meth:`~reverie.training.dataset.TrainingSet.without`).
+
     Returns:
         The outcome; ``learned`` lists tonight's memory ids answered right on their
-        held-out questions after promotion.
+        held-out questions after promotion, ``unlearned`` the forgotten facts' ids no
+        longer answered on theirs.
     """
     t0 = time.perf_counter()
     cfg = settings.forge
     versions = Versions(settings.paths.versions)
     parent = ensure_base(settings, versions)
-    curated = dataset.TrainingSet.load(training_set)
-    if not curated.counts.get("facts"):
+    with MemoryStore(settings.paths.memories_db) as store:
+        deleted = {d["id"] for d in store.deletions()}
+    curated = dataset.TrainingSet.load(training_set).without(deleted)
+    if not curated.counts.get("facts") and not curated.counts.get("unlearn"):
         return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
     name = f"night-{night_id}"
@@ -231,6 +244,9 @@ def learn(settings: Settings, night_id: str, training_set: Path,
         right = {d["question"] for d in post.details["new"] if d["correct"]}
         outcome.learned = [memory_id for (question, _), memory_id in zip(ts.new_items, ts.new_ids)
                            if question in right]
+        still = {d["question"] for d in post.details.get("forgotten", []) if d["correct"]}
+        outcome.unlearned = [memory_id for (question, _), memory_id
+                             in zip(ts.forgotten_items, ts.forgotten_ids) if question not in still]
     outcome.seconds = round(time.perf_counter() - t0, 1)
     log_experiment(settings, night_id, outcome)
     return outcome

@@ -12,6 +12,11 @@ measures, each taken before and after a night's training:
   right through the chat path (``training/data/probe.jsonl``, shipped): its ``gate`` part
   decides, its ``dev`` part is for training decisions (checkpoint selection) only;
 - held-out loss on general chat text (``training/data/general_chat.jsonl``).
+
+A fifth, ``forgotten_recall``, is taken when the night unlearns facts the user asked to
+forget: recall of their forgotten answers on held-out phrasings, which should fall to 0.
+It does not block a promotion unless it rose (the active version knows the fact as well):
+the forge keeps a fact waiting to be unlearned until a promoted version stops answering it.
 """
 
 from __future__ import annotations
@@ -114,7 +119,8 @@ def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, frame=
 class GateReport:
     """Closed-book figures for one model: recalls in [0, 1] (nan when the set is empty),
     ``capability`` as a count of gate-probe questions right (of ``capability_total``),
-    loss in nats per token."""
+    loss in nats per token; ``forgotten_recall`` the share of forgotten facts still
+    answered (nan when none is being unlearned)."""
 
     new_recall: float
     regression_recall: float
@@ -122,17 +128,19 @@ class GateReport:
     capability_total: int
     heldout_loss: float
     details: dict = field(default_factory=dict)
+    forgotten_recall: float = float("nan")
 
     def figures(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "details"}
 
 
 def evaluate(model, tokenizer, new_items, regression_items, probe, general,
-             frame=None) -> GateReport:
-    """The four measures for one model (see the module's docstring).
+             frame=None, forgotten_items=()) -> GateReport:
+    """The measures for one model (see the module's docstring).
 
     Args:
-        new_items, regression_items, probe: ``(question, accepted answers)`` lists.
+        new_items, regression_items, probe, forgotten_items: ``(question, accepted
+            answers)`` lists (``forgotten_items``: the answers that should be gone).
         general: chat rows for the held-out loss.
         frame: the chat's :class:`reverie.prompts.ChatFrame` every question is asked in (None: a
             bare user turn, the chat template's own default system prompt).
@@ -140,9 +148,11 @@ def evaluate(model, tokenizer, new_items, regression_items, probe, general,
     new, new_d = recall(model, tokenizer, new_items, frame)
     old, old_d = recall(model, tokenizer, regression_items, frame)
     cap, cap_d = recall(model, tokenizer, probe, frame)
+    gone, gone_d = recall(model, tokenizer, forgotten_items, frame)
     loss = heldout_loss(model, tokenizer, general, frame=frame)
     return GateReport(new, old, round(cap * len(probe)) if probe else 0, len(probe), loss,
-                      {"new": new_d, "regression": old_d, "probe": cap_d})
+                      {"new": new_d, "regression": old_d, "probe": cap_d, "forgotten": gone_d},
+                      forgotten_recall=gone)
 
 
 def allowed_loss(share: float, total: int) -> int:
@@ -155,7 +165,7 @@ def decide(pre: GateReport, post: GateReport, cfg) -> tuple[bool, list[str]]:
     """Promote or not, with the reasons. ``cfg`` has ``max_capability_loss`` (share of the
     gate probe that may be lost, :func:`allowed_loss`: 0.03 of 99 questions allows 2), ``min_regression_keep``
     (share of the pre recall kept), ``max_loss_increase`` (nats) and ``min_new_recall``
-    (share)."""
+    (share). Forgotten facts' recall may not rise (it should fall to 0)."""
     reasons = []
     allowed = allowed_loss(cfg.max_capability_loss, post.capability_total)
     if pre.capability - post.capability > allowed:
@@ -171,6 +181,10 @@ def decide(pre: GateReport, post: GateReport, cfg) -> tuple[bool, list[str]]:
     elif post.heldout_loss - pre.heldout_loss > cfg.max_loss_increase:
         reasons.append(f"held-out loss rose {pre.heldout_loss:.3f} -> {post.heldout_loss:.3f} "
                        f"(at most +{cfg.max_loss_increase})")
+    if pre.forgotten_recall == pre.forgotten_recall and \
+            post.forgotten_recall > pre.forgotten_recall:
+        reasons.append(f"facts the user asked to forget are recalled more: "
+                       f"{pre.forgotten_recall:.2f} -> {post.forgotten_recall:.2f}")
     if post.new_recall == post.new_recall and post.new_recall < cfg.min_new_recall:
         reasons.append(f"tonight's facts recalled {post.new_recall:.2f} on held-out phrasings "
                        f"(at least {cfg.min_new_recall} needed)")

@@ -64,15 +64,30 @@ class Day:
         return self.runtime.chat_model(self.role)
 
     def count_tokens(self, messages) -> int:
-        """Prompt tokens as the model's chat template renders ``messages``."""
+        """Prompt tokens as the model's chat template renders ``messages`` (a LangChain
+        model's own estimate for a model Reverie does not run)."""
+        from reverie.config import is_local
         from reverie.runtime.chat_model import to_chat_messages
 
-        loaded = self.runtime.load(self.settings.roles[self.role].model)
+        name = self.settings.roles[self.role].model
+        if not is_local(self.settings.models.chat[name]):
+            return self.chat_model().get_num_tokens_from_messages(messages)
+        loaded = self.runtime.load(name)
         return len(loaded.encode_chat(to_chat_messages(messages)))
 
     def version(self) -> str:
         """The active model version ("base" before any night promoted one)."""
         return Versions(self.settings.paths.versions).active() or "base"
+
+    def stale(self) -> bool:
+        """Whether the active version is not the one the runtime loads (a night in another
+        process promoted or rolled back one); :meth:`load_active` then catches up."""
+        return learned_folders(self.settings) != self.runtime.folders
+
+    def load_active(self) -> None:
+        """Unload the chat models so that their next use loads the active version (waits
+        for generations in flight on the old weights: their engines finish them)."""
+        self.runtime.reload(learned_folders(self.settings))
 
     def retriever(self):
         """This user's :class:`~reverie.wake.retrieval.MemoryRetriever` (opened once)."""

@@ -22,12 +22,13 @@ so the next night reads only what was said after this one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
 
 from reverie.memory.daylog import DayLog
@@ -48,6 +49,67 @@ SleepFn = Callable[[], tuple[Optional[BaseChatModel], str]]
 report)``: runs the night for this user."""
 
 
+def turn_messages(frame: ChatFrame, text: str, docs: Sequence[Document] = (),
+                  history: Sequence[BaseMessage] = (), summary: str = "",
+                  instructions: str = "") -> list[BaseMessage]:
+    """The prompt of one chat turn, as the chat builds it (``reverie serve`` too).
+
+    Args:
+        frame: the chat frame (``chat.yaml`` around the identity).
+        text: the user's new turn (rendered through the frame's user template).
+        docs: retrieved documents; their texts become the system prompt's memories part.
+        history: earlier turns kept word for word, between the system prompt and ``text``.
+        summary: the summary of older turns ("" for none).
+        instructions: a client's own system text (``reverie serve``), appended to the
+            system prompt after identity, memories and summary ("" for none).
+
+    Returns:
+        langchain-core messages: system (when not empty), ``history``, the new user turn.
+    """
+    memories = memories_section([d.page_content for d in docs])
+    summary = f"\n\nEarlier in this conversation: {summary}" if summary else ""
+    rendered = frame.render(text, memories=memories, summary=summary)
+    if instructions.strip():
+        if rendered[0].type == "system":
+            rendered[0] = SystemMessage(f"{rendered[0].content}\n\n{instructions.strip()}")
+        else:
+            rendered.insert(0, SystemMessage(instructions.strip()))
+    return rendered[:-1] + list(history) + rendered[-1:]
+
+
+def log_turn(daylog: DayLog, session: Session | None, user_id: str, user_text: str,
+             answer: str, session_id: str | None = None, source: str = "chat") -> Session:
+    """Append one exchange (user turn, answer) to ``session`` and rewrite it in the day log
+    (:meth:`~reverie.memory.daylog.DayLog.save`: one line per session, replaced in place).
+
+    Args:
+        session: the conversation's session so far; None starts one (``session_id``, or a
+            new ``chat-…`` id; ``source`` on it). It is changed in place.
+        user_id: whose session a new one is.
+
+    Returns:
+        The session with the two turns (ids ``t<n>``) appended.
+
+    Raises:
+        ValueError: an unsafe user id (nothing written).
+        OSError: the day file could not be written (the old file stays).
+    """
+    at = now()
+    if session is None:
+        session = Session(session_id=session_id or new_id("chat"), user_id=user_id,
+                          started_at=at, source=source,
+                          messages=[Message(turn_id="t1", role="user", content=user_text,
+                                            timestamp=at)])
+    else:
+        session.messages.append(Message(turn_id=f"t{len(session.messages) + 1}",
+                                        role="user", content=user_text, timestamp=at))
+    session.messages.append(Message(turn_id=f"t{len(session.messages) + 1}",
+                                    role="assistant", content=answer, timestamp=now()))
+    session.ended_at = now()
+    daylog.save(session)
+    return session
+
+
 def approx_tokens(messages: list[BaseMessage]) -> int:
     """A tokenizer-free estimate: 4 characters per token (plus 4 per message for the chat
     template's markers). Used when no tokenizer is given."""
@@ -64,6 +126,8 @@ class Reply:
         retrieved: documents put in the prompt for this turn (retrieval on).
         compacted: the context was compacted before answering.
         slept: a night ran after this turn (command or trigger), with ``sleep_report``.
+        interrupted: the user stopped the streamed answer (Ctrl-C); ``text`` is the part
+            that was shown, which is what was logged and kept in the context.
     """
 
     kind: str
@@ -72,6 +136,7 @@ class Reply:
     compacted: bool = False
     slept: bool = False
     sleep_report: str = ""
+    interrupted: bool = False
 
 
 class ChatSession:
@@ -117,10 +182,7 @@ class ChatSession:
     def messages_for(self, text: str, docs: list[Document]) -> list[BaseMessage]:
         """The prompt of one turn: system (identity, memories, summary), the turns kept in
         the context, the new user turn."""
-        memories = memories_section([d.page_content for d in docs])
-        summary = f"\n\nEarlier in this conversation: {self.summary}" if self.summary else ""
-        rendered = self.frame.render(text, memories=memories, summary=summary)
-        return rendered[:-1] + self.history + rendered[-1:]
+        return turn_messages(self.frame, text, docs, self.history, self.summary)
 
     def context_used(self, pending: str = "") -> int:
         """Tokens the prompt takes now (with ``pending`` as the next user turn)."""
@@ -168,6 +230,12 @@ class ChatSession:
             on_token: called with each piece of the answer as it streams.
             on_retrieved: called with the documents going into the prompt, before answering.
 
+        A ``KeyboardInterrupt`` while the answer streams (Ctrl-C, or raised by ``on_token``)
+        stops that answer: the stream is closed, which cancels the generation on the model's
+        engine, and the part already shown is logged and kept as the answer
+        (``Reply.interrupted``), so the context holds what the user saw. An interrupt
+        before the answer starts (retrieval, compaction) propagates and nothing is logged.
+
         Raises:
             ValueError: empty text.
         """
@@ -183,34 +251,29 @@ class ChatSession:
         if on_retrieved is not None:
             on_retrieved(docs)
         messages = self.messages_for(text, docs)
+        interrupted = False
         if on_token is None:
             answer = str(self.model.invoke(messages).content)
         else:
             pieces = []
-            for chunk in self.model.stream(messages):
-                piece = str(chunk.content)
-                pieces.append(piece)
-                on_token(piece)
+            # closing the stream runs the chat model's cleanup, which cancels the request
+            with contextlib.closing(self.model.stream(messages)) as stream:
+                try:
+                    for chunk in stream:
+                        piece = str(chunk.content)
+                        pieces.append(piece)
+                        on_token(piece)
+                except KeyboardInterrupt:
+                    interrupted = True
             answer = "".join(pieces)
         answer = answer.strip()
         self._log(text, answer)
         self.history += [HumanMessage(text), AIMessage(answer)]
-        return Reply("reply", answer, retrieved=docs, compacted=compacted)
+        return Reply("reply", answer, retrieved=docs, compacted=compacted,
+                     interrupted=interrupted)
 
     def _log(self, user_text: str, answer: str) -> None:
-        at = now()
-        if self.session is None:
-            self.session = Session(session_id=new_id("chat"), user_id=self.user_id,
-                                   started_at=at, source="chat",
-                                   messages=[Message(turn_id="t1", role="user", content=user_text,
-                                                     timestamp=at)])
-        else:
-            self.session.messages.append(Message(turn_id=f"t{len(self.session.messages) + 1}",
-                                                 role="user", content=user_text, timestamp=at))
-        self.session.messages.append(Message(turn_id=f"t{len(self.session.messages) + 1}",
-                                             role="assistant", content=answer, timestamp=now()))
-        self.session.ended_at = now()
-        self.daylog.save(self.session)
+        self.session = log_turn(self.daylog, self.session, self.user_id, user_text, answer)
         self.turns += 1
         self.turns_since_sleep += 1
 

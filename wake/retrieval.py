@@ -21,7 +21,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from reverie.memory.facts import FactStore, MemoryIndex
+from reverie.memory.facts import FactStore, MemoryIndex, open_client
 from reverie.memory.store import MemoryStore
 
 USABLE = ("verified", "learned")
@@ -80,14 +80,16 @@ class MemoryRetriever(BaseRetriever):
 
 
 def open_retriever(settings, embedder, user_id: str) -> MemoryRetriever:
-    """A :class:`MemoryRetriever` on the data directory's stores (Chroma persistent client
-    at ``paths.chroma``, SQLite at ``paths.memories_db``), with ``wake.rag_k`` and
-    ``wake.rag_max_distance``."""
-    import chromadb
+    """A :class:`MemoryRetriever` on the data directory's stores (Chroma from
+    :func:`~reverie.memory.facts.open_client`: ``paths.chroma``, or the server of
+    ``memory.chroma_url``; SQLite at ``paths.memories_db``), with ``wake.rag_k`` and
+    ``wake.rag_max_distance``.
 
+    Raises:
+        ChromaUnavailable: ``memory.chroma_url`` is set and its server cannot be used."""
     from reverie.runtime.embeddings import MiniLMEmbeddingFunction
 
-    client = chromadb.PersistentClient(path=str(settings.paths.chroma))
+    client = open_client(settings)
     ef = MiniLMEmbeddingFunction(embedder)
     return MemoryRetriever(user_id=user_id, store=MemoryStore(settings.paths.memories_db),
                            index=MemoryIndex(client, ef), facts=FactStore(client, ef),

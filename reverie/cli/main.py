@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 import reverie  # noqa: F401  (OpenBLAS before mlx)
-from reverie.cli.output import console, fail
+from reverie.cli.output import console, err, fail, print_json, show_table
 from reverie.config import ConfigError, Settings, load_settings
 from reverie.runtime import fetch
 
@@ -24,6 +25,8 @@ diary_app = typer.Typer(help="Read the dream diary.", no_args_is_help=True)
 app.add_typer(diary_app, name="diary")
 prompts_app = typer.Typer(help="The agents' prompt files.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
+from reverie.cli.memories import memories_app  # noqa: E402
+app.add_typer(memories_app, name="memories")
 
 
 class _State:
@@ -40,16 +43,48 @@ class _State:
 state = _State()
 
 
+def _model_errors() -> tuple[type[Exception], ...]:
+    """What loading a configured model raises for a user's mistake or a failed download:
+    a bad source (unknown ``embedded:`` name, missing file), an unsupported GGUF, no
+    embedding folder, a failed fetch."""
+    from reverie.runtime.gguf import GGUFError
+    from reverie.runtime.sources import ModelSourceError
+
+    return fetch.FetchError, ModelSourceError, GGUFError, FileNotFoundError
+
+
 @contextlib.contextmanager
 def _closing(resource, *errors: type[Exception]):
-    """Run a command's body: a fetch error (or one of ``errors``) becomes a clear message
-    and exit code 1; ``resource`` (a runtime, a day) is closed either way."""
+    """Run a command's body: a model that cannot be loaded or fetched (:func:`_model_errors`)
+    or one of ``errors`` becomes a clear message and exit code 1 instead of a traceback;
+    ``resource`` (a runtime, a day) is closed either way."""
     try:
         yield resource
-    except (fetch.FetchError, *errors) as exc:
-        fail(str(exc))
+    except Exception as exc:
+        from reverie.memory.facts import ChromaUnavailable  # memory.chroma_url's server
+
+        if isinstance(exc, (*_model_errors(), ChromaUnavailable, *errors)):
+            fail(str(exc))
+        raise
     finally:
         resource.close()
+
+
+def _check_models(settings: Settings, skip=(), names=None) -> None:
+    """Check the model sources a command may load (``names`` of ``models.chat``, default
+    the roles' and the forge's; and the embedding model) without loading anything, so a
+    wrong name or path stops the command at once (exit 2) rather than minutes into a night.
+    ``skip``: model names loaded from elsewhere (a version the forge promoted)."""
+    from reverie.runtime.sources import ModelSourceError, check_source
+
+    used = set(names if names is not None else
+               [role.model for role in settings.roles.values()] + [settings.forge.model])
+    try:
+        for name in sorted(used - set(skip)):
+            check_source(settings.models.chat[name], f"models.chat.{name}")
+        check_source(settings.models.embedding, "models.embedding", folder=True)
+    except ModelSourceError as exc:
+        fail(str(exc), 2, label="configuration error: ")
 
 
 def _version(value: bool) -> None:
@@ -81,6 +116,7 @@ def models_pull():
     from reverie.runtime.sources import is_prepared, prepare_embedded, prepared_dir
 
     settings = state.settings()
+    _check_models(settings, names=settings.models.chat)  # an unknown embedded: name too
     cache = settings.paths.model_cache
     for model in _embedded_in_use(settings):
         where = prepared_dir(model, cache)
@@ -126,41 +162,59 @@ def _human(n: int) -> str:
 
 
 @models_app.command("list")
-def models_list():
+def models_list(as_json: bool = typer.Option(False, "--json", help="print the models and "
+                                             "versions as JSON (for scripts)")):
     """What each configured model is, whether it is cached, its size, and which roles use it."""
+    from reverie.runtime.sources import embedded_in, is_embedded
+    from reverie.training.versions import Versions
+
     settings = state.settings()
     cache = settings.paths.model_cache
-    table = Table(title=f"models (cache: {cache})")
-    for col in ("name", "kind", "source", "cached", "size", "roles"):
-        table.add_column(col, overflow="fold")
     rows = [(name, "chat", src, [r for r, c in settings.roles.items() if c.model == name])
             for name, src in settings.models.chat.items()]
-    rows.append(("embedding", "embedding", settings.models.embedding, ["memory, retrieval"]))
-    from reverie.runtime.sources import embedded_in, is_embedded
-
-    embedded = []  # their provenance is printed under the table
+    rows.append(("embedding", "embedding", settings.models.embedding, ["memory", "retrieval"]))
+    models, embedded = [], []  # the embedded models' provenance is printed under the table
     for name, kind, src, roles in rows:
-        if is_embedded(src):
+        row = {"name": name, "kind": kind, "source": src, "cached": None, "path": None,
+               "size_bytes": None, "roles": roles}
+        if not isinstance(src, str):  # a LangChain model: nothing of it is on this disk
+            row.update(kind="langchain", source=getattr(src, "describe", lambda: str(src))())
+        elif is_embedded(src):
             model = next(iter(embedded_in([src])), None)
             embedded += [model] if model else []
             where = fetch.model_dir(cache, model) if model else None
-            cached = bool(model and fetch.is_cached(cache, model))
-        else:
+            row.update(cached=bool(model and fetch.is_cached(cache, model)), path=where,
+                       license=model.license if model else None,
+                       provenance=model.provenance if model else None)
+        elif (src.startswith(("/", "~", ".")) or Path(src).suffix
+              or Path(src).expanduser().exists()):
             where = Path(src).expanduser()
-            cached = where.exists()
-        size = _human(_size(where)) if cached and where else "-"
-        table.add_row(name, kind, src, "yes" if cached else ("no" if is_embedded(src)
-                                                             or Path(src).suffix else "hub"),
-                      size, ", ".join(roles) or "-")
-    console.print(table)
-    for model in embedded:
-        console.print(f"[bold]{model.name}[/bold] ({model.license}): {model.provenance}")
-    from reverie.training.versions import Versions
-
+            row.update(cached=where.exists(), path=where)
+        # else a Hugging Face id: mlx-lm's own cache, unknown here (cached None)
+        if row["cached"]:
+            row["size_bytes"] = _size(row["path"])
+        models.append(row)
     versions = Versions(settings.paths.versions)
     listed = versions.list()
+    active = versions.active() if listed else None
+    if as_json:
+        print_json({"cache": cache, "models": models, "versions": listed, "active": active,
+                    "lineage": versions.lineage(active) if active else []})
+        return
+    table = Table(title=f"models (cache: {cache})")
+    for col in ("name", "kind", "source", "cached", "size", "roles"):
+        table.add_column(col)
+    for row in models:
+        cached = {True: "yes", False: "no"}.get(row["cached"],
+                                                 "-" if row["kind"] == "langchain" else "hub")
+        size = _human(row["size_bytes"]) if row["size_bytes"] is not None else "-"
+        table.add_row(row["name"], row["kind"], row["source"], cached, size,
+                      ", ".join(row["roles"]) or "-")
+    show_table(table, console)
+    for model in embedded:
+        console.print(f"[bold]{model.name}[/bold] ({model.license}): {model.provenance}",
+                      highlight=False, soft_wrap=True)
     if listed:
-        active = versions.active()
         lineage = Table(title=f"versions of model '{settings.forge.model}' ({versions.root})")
         for col in ("version", "parent", "created", "night", "gate (post)", "active"):
             lineage.add_column(col)
@@ -170,9 +224,9 @@ def models_list():
                         f"new recall {post.get('new_recall')}") if post else "-"
             lineage.add_row(v["name"], v.get("parent") or "-", str(v.get("created_at", ""))[:19],
                             v.get("night_id") or "-", gate_txt, "*" if v["name"] == active else "")
-        console.print(lineage)
+        show_table(lineage, console)
         if active:
-            console.print("lineage: " + " → ".join(versions.lineage(active)))
+            console.print("lineage: " + " → ".join(versions.lineage(active)), soft_wrap=True)
 
 
 @app.command()
@@ -224,82 +278,64 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
                                     force, sample, settings))
 
 
-def _with_night_display(run):
-    """Call ``run(on_update, on_train)`` (which runs a night) under a live table of the
-    night's stages; returns what ``run`` returns."""
-    from collections import Counter
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, help="address to listen on (default: "
+                                             "serve.host, 127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, help="port (default: serve.port)"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="REVERIE_API_KEY",
+                                                help="clients must send 'Authorization: Bearer "
+                                                     "KEY' (default: serve.api_key)"),
+          no_auth: bool = typer.Option(False, "--no-auth", help="no API key, even on a host "
+                                       "other than 127.0.0.1")):
+    """Serve the active model version over an OpenAI-compatible API; every conversation is
+    logged to the day log (no nights run here)."""
+    from reverie.cli.serve import serve_command
 
-    from rich.live import Live
+    settings = state.settings()
+    raise typer.Exit(serve_command(settings, host, port, api_key, no_auth,
+                                   lambda: _runtime(settings)))
 
-    counts: Counter = Counter()
-    verdicts: Counter = Counter()
 
-    def render() -> Table:
-        table = Table(title="night", show_header=True)
-        for col in ("stage", "done", "outcome"):
-            table.add_column(col)
-        table.add_row("gather", str(counts["gather"]), f"{verdicts['sessions']} sessions")
-        table.add_row("route", str(counts["route"]), f"{verdicts['chunks']} verbatim chunks, "
-                      f"{verdicts['forget']} forget requests")
-        table.add_row("dreamer", str(counts["dream"]), f"{verdicts['candidates']} candidates")
-        table.add_row("verifier", str(counts["verify"]), f"{verdicts['passed']} passed, "
-                      f"{verdicts['failed']} failed, {verdicts['rejected']} rejected")
-        table.add_row("reshaper", str(counts["reshape"]), f"{verdicts['reshaped']} rewritten")
-        table.add_row("persona", str(counts["consult"]), f"{verdicts['approved']} approved, "
-                      f"{verdicts['vetoed']} vetoed")
-        table.add_row("consolidate", str(counts["consolidate"]), verdicts.get("ops", ""))
-        table.add_row("handoff", str(counts["handoff"]), verdicts.get("training", ""))
-        table.add_row("forge", str(counts["learn"]), verdicts.get("forge", ""))
-        return table
+def _with_night_display(run, to=None, settings: Settings | None = None):
+    """Call ``run(on_update, on_train)`` (which runs a night) while its progress shows on
+    ``to`` (default: stdout): a live table on a terminal, timestamped lines otherwise
+    (:mod:`reverie.cli.night_progress`); returns what ``run`` returns. ``settings`` lets
+    the dreamer's line show how many windows to expect."""
+    from reverie.cli.night_progress import with_night_display
 
-    with Live(render(), console=console, refresh_per_second=4) as live:
-        def on_update(node: str, update: dict) -> None:
-            counts[node] += 1
-            if node == "gather":
-                verdicts["sessions"] += len(update.get("sessions", []))
-            elif node == "route":
-                verdicts["chunks"] += update.get("routed_chunks", 0)
-                verdicts["forget"] += len(update.get("forget", []))
-            elif node == "consolidate":
-                ops = update["consolidation"].model_dump()
-                verdicts["ops"] = ", ".join(f"{len(v)} {k}" for k, v in ops.items())
-            elif node == "handoff":
-                verdicts["training"] = update.get("training_set", "")
-            elif node == "learn":
-                f = update.get("forge", {})
-                verdicts["forge"] = (f"promoted {f['version']}" if f.get("promoted") else
-                                     f.get("skipped") or "; ".join(f.get("reasons", [])) or
-                                     "rolled back")
-            for c in update.get("candidates", {}).values():
-                key = {"dream": "candidates", "reshape": "reshaped"}.get(node, c.status)
-                verdicts[key] += 1
-            live.update(render())
+    dream_windows = None
+    if settings is not None:
+        night = settings.night
 
-        def on_train(step: int, total: int, loss: float, tps: float) -> None:
-            verdicts["forge"] = f"training step {step}/{total}, loss {loss:.3f}, {tps:.0f} tok/s"
-            live.update(render())
+        def dream_windows(sessions: list) -> int:  # as graphs.night.fan_out_dreams sends them
+            return night.dream_bursts * sum(-(-len(s.messages) // night.window_turns)
+                                            for s in sessions)
 
-        return run(on_update, on_train)
+    return with_night_display(run, to or console, dream_windows)
 
 
 def _runtime(settings: Settings):
-    """A runtime on the active model version (the forge's promoted folder, if any)."""
+    """A runtime on the active model version (the forge's promoted folder, if any); the
+    configured model sources are checked first (:func:`_check_models`)."""
     from reverie.runtime.models import Runtime
     from reverie.training.versions import learned_folders
 
-    return Runtime(settings, learned_folders(settings))
+    folders = learned_folders(settings)
+    _check_models(settings, skip=folders)
+    return Runtime(settings, folders)
 
 
 def _sleeper(settings: Settings, runtime):
     """The ``sleep(user_id)`` the CLI hands the day (chat, cycle): one night for that user
-    under the live display; returns its summary."""
+    under the night's display; returns its summary."""
     import asyncio
 
     from reverie.graphs.run import run_night
 
     def sleep(user_id: str) -> dict:
         return _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
-            settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train)))
+            settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train)),
+            settings=settings)
 
     return sleep
 
@@ -312,8 +348,13 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
           at: Optional[str] = typer.Option(None, "--at", help="wait until this time (HH:MM, "
                                            "local) and then sleep"),
           if_sunset: bool = typer.Option(False, "--if-sunset", help="sleep only if the unslept "
-                                         "day log passed wake.sunset_chars (for cron)")):
-    """Sleep: turn the day's sessions into verified memories, then into weights (the forge)."""
+                                         "day log passed wake.sunset_chars (for cron)"),
+          as_json: bool = typer.Option(False, "--json", help="print the night's summary as JSON "
+                                       "on stdout (progress goes to stderr)")):
+    """Sleep: turn the day's sessions into verified memories, then into weights (the forge).
+
+    On a terminal a live table shows the stages; in a pipe or a log file (cron) each stage
+    and every few agent calls print a timestamped line instead."""
     import asyncio
     from datetime import datetime
 
@@ -323,37 +364,52 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
     from reverie.wake.triggers import next_time, wait_until
 
     settings = state.settings()
+    out = err if as_json else console  # with --json, stdout carries the JSON alone
     if if_sunset:
         size, limit = DayLog(settings.paths.days).size(user), settings.wake.sunset_chars
         if not limit or size < limit:
-            console.print(f"not sunset yet: {size} characters unslept "
-                          f"(wake.sunset_chars: {limit or 'off'})")
+            why = (f"not sunset yet: {size} characters unslept "
+                   f"(wake.sunset_chars: {limit or 'off'})")
+            if as_json:
+                print_json({"night_id": None, "skipped": why})
+            else:
+                console.print(why)
             return
     if at:
         try:
             when = next_time(at, datetime.now())
         except ValueError as exc:
             fail(f"--at: {exc}", 2)
-        console.print(f"sleeping at {when:%Y-%m-%d %H:%M} (Ctrl-C to cancel)")
-        with console.status("") as status:
+        out.print(f"sleeping at {when:%Y-%m-%d %H:%M} (Ctrl-C to cancel)")
+        with out.status("") as status:
             wait_until(when, on_wait=lambda left: status.update(
                 f"night starts in {int(left) // 3600:d}h {int(left) % 3600 // 60:02d}m "
                 f"{int(left) % 60:02d}s"))
     runtime = _runtime(settings)
-    with _closing(runtime, NightError):
+    # with --json, a stray print (ours or a library's) must not land in the JSON
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with _closing(runtime, NightError), quiet:
         summary = _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
             settings, runtime=runtime, user_id=user, resume=night_id or resume,
-            include_consumed=reprocess, on_update=on_update, on_train=on_train)))
+            include_consumed=reprocess, on_update=on_update, on_train=on_train)),
+            to=out, settings=settings)
+    if as_json:
+        print_json(summary)
+        return
     console.print(f"{night_report(summary)}; {summary['seconds']} s; "
-                  f"diary: reverie diary show {summary['night_id']}")
+                  f"diary: reverie diary show {summary['night_id']}", soft_wrap=True)
 
 
 @diary_app.command("list")
-def diary_list():
+def diary_list(as_json: bool = typer.Option(False, "--json", help="print the nights as a JSON "
+                                            "array (each night's summary) and nothing else")):
     """Every night with its counts."""
     from reverie.memory.diary import list_nights
 
     nights = list_nights(state.settings().paths.diary)
+    if as_json:
+        print_json(nights)
+        return
     if not nights:
         console.print("no nights yet: run `reverie night`")
         return
@@ -387,7 +443,10 @@ def diary_show(night_id: str = typer.Argument(..., help="a night id from `reveri
     folder = state.settings().paths.diary / night_id
     if not (folder / "steps.jsonl").exists():
         fail(f"no diary for night {night_id!r} in {folder.parent}")
-    steps = read_steps(folder / "steps.jsonl")
+    try:
+        steps = read_steps(folder / "steps.jsonl")
+    except ValueError as exc:
+        fail(str(exc))
     if agent or memory or status:
         chosen = filter_steps(steps, agent, memory, status)
         text = "\n".join(render_step(s) for s in sorted(chosen, key=lambda s: s.at)) or "no such steps"
@@ -396,6 +455,22 @@ def diary_show(night_id: str = typer.Argument(..., help="a night id from `reveri
         text = render_markdown(night_id, steps, json.loads(summary.read_text())
                                if summary.exists() else None)
     console.print(Markdown(text))
+
+
+@diary_app.command("html")
+def diary_html(night_id: str = typer.Argument(..., help="a night id from `reverie diary list`"),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="the page to write "
+                                                  "(default: diary.html in the night's folder)")):
+    """The night as one web page (nothing fetched): its summary, then each candidate's
+    steps with prompts, outputs and verdicts, filterable by outcome and agent. Prints the
+    page's path."""
+    from reverie.memory.diary_html import write_html
+
+    try:
+        path = write_html(state.settings().paths.diary / night_id, out)
+    except (OSError, ValueError) as exc:  # no such night, a malformed file, cannot write
+        fail(str(exc))
+    typer.echo(str(path))
 
 
 @prompts_app.command("list")
@@ -418,7 +493,7 @@ def prompts_list():
             check, bad = f"[red]{exc}[/red]", True
         table.add_row(name, str(source.path), "override" if source.override else "default",
                       ", ".join(sorted(required)), check)
-    console.print(table)
+    show_table(table, console)
     if bad:
         raise typer.Exit(1)
 
@@ -460,6 +535,23 @@ def _print_retrieved(docs) -> None:
                       f"{d.metadata['distance']:.3f}): {d.page_content}[/dim]", highlight=False)
 
 
+def _line_reader(history: Path, interactive: bool, **session_args):
+    """``read() -> str``, the chat's prompt. ``interactive`` (stdin and stdout are a
+    terminal): prompt_toolkit's line editing, with the lines typed kept in the file
+    ``history`` (up-arrow recalls them, across chats); otherwise plain ``input`` (a pipe,
+    a test). ``session_args`` go to prompt_toolkit's ``PromptSession`` (a test's input and
+    output). ``read`` raises EOFError on Ctrl-D or the end of input, KeyboardInterrupt on
+    Ctrl-C."""
+    if not interactive:
+        return lambda: console.input("[bold cyan]you>[/bold cyan] ")
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    history.parent.mkdir(parents=True, exist_ok=True)
+    session = PromptSession(history=FileHistory(str(history)), **session_args)
+    return lambda: session.prompt([("bold ansicyan", "you>"), ("", " ")])
+
+
 @app.command()
 def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is talking "
                                             "(default: wake.user)"),
@@ -489,11 +581,14 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
             console.print(reply.text, markup=False, highlight=False)
             return
         console.print(f"Reverie ({day.version()}), talking with {user_id}. Commands: "
-                      + ", ".join(COMMANDS), highlight=False)
+                      + ", ".join(COMMANDS) + " (Ctrl-C stops an answer, Ctrl-D leaves)",
+                      highlight=False)
+        read = _line_reader(settings.data_dir / "chat_history",
+                            sys.stdin.isatty() and console.is_terminal)
         while True:
             try:
-                line = console.input("[bold cyan]you>[/bold cyan] ")
-            except (EOFError, KeyboardInterrupt):
+                line = read()
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C or the end of piped input
                 console.print()
                 break
             if not line.strip():
@@ -506,9 +601,17 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
                 streamed.append(piece)
                 console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
 
-            reply = session.handle(line, on_token=on_token, on_retrieved=shown)
+            try:
+                reply = session.handle(line, on_token=on_token, on_retrieved=shown)
+            except KeyboardInterrupt:  # before an answer streamed: retrieval, compaction, a night
+                console.print("\n[dim](interrupted: nothing logged for this line"
+                              + ("; `reverie night --resume` finishes the night"
+                                 if line.strip().startswith("/sleep") else "") + ")[/dim]")
+                continue
             if streamed:
                 console.print()
+            if reply.interrupted:
+                console.print("[dim](stopped: the part shown is logged as the answer)[/dim]")
             if reply.kind == "quit":
                 break
             if reply.compacted:
@@ -568,7 +671,7 @@ def eval_(tag: str = typer.Option("", "--tag", help="names the run (file name an
     for name, c in report.categories.items():
         table.add_row(name, f"{c.correct}/{c.total}", f"{c.score:.2f}" if c.total else "n/a")
     table.add_row("overall", "", f"{report.overall():.2f}")
-    console.print(table)
+    show_table(table, console)
     console.print(f"report: {path}")
 
 
@@ -585,7 +688,7 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
     runtime = _runtime(settings)
     with _closing(runtime):
         result = run_cycle(settings, runtime, tag, user_id, sleep=_sleeper(settings, runtime))
-    console.print(_scores_table(result.rows, f"cycle {tag}: night {result.night_id}"))
+    show_table(_scores_table(result.rows, f"cycle {tag}: night {result.night_id}"), console)
     forge = result.forge
     if forge.get("pre"):
         gate = Table(title="the forge's gate (closed book)")
@@ -593,7 +696,7 @@ def cycle(tag: str = typer.Option(..., "--tag", help="names this experiment"),
             gate.add_column(col)
         for key in ("new_recall", "regression_recall", "capability", "heldout_loss"):
             gate.add_row(key, str(forge["pre"].get(key)), str(forge["post"].get(key)))
-        console.print(gate)
+        show_table(gate, console)
     console.print(night_report(result.summary), highlight=False)
     console.print(f"plot: {result.plot}\nlog: {settings.paths.cycles}", highlight=False)
 

