@@ -102,3 +102,20 @@ def default_runtime(tmp_path_factory, model_cache):
     runtime = Runtime(settings)
     yield runtime
     runtime.close()
+
+
+def tiny_config(root: Path, tokenizer, model_cache: Path, roles: dict, **sections) -> Path:
+    """A config.yaml in ``root`` whose only chat model is a tiny random llama (SmolLM2's
+    tokenizer) saved as an mlx-lm folder, for CLI tests; ``sections`` are further top-level
+    keys (night, wake, ...). Returns the file's path; the data dir is ``root / "data"``."""
+    import yaml
+
+    from reverie.runtime.folders import save_model_dir
+
+    save_model_dir(tiny_llama(vocab_size=49152, seed=3), tokenizer, root / "model")
+    config = {"data_dir": str(root / "data"),
+              "models": {"cache_dir": str(model_cache), "chat": {"default": str(root / "model")}},
+              "roles": roles, **sections}
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -18,7 +18,8 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import REPO, tiny_llama, tiny_loaded
+from conftest import REPO, tiny_loaded
+from conftest import tiny_config as make_tiny_config
 from reverie.cli import app
 from reverie.cli import main
 from reverie.config import Settings, WakeConfig
@@ -243,16 +244,10 @@ def test_ctrl_c_during_a_stream_stops_that_answer_and_cancels_it(tmp_path, smoll
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, smollm2_tokenizer, model_cache):
-    from reverie.runtime.folders import save_model_dir
-
     root = tmp_path_factory.mktemp("tiny")
-    save_model_dir(tiny_llama(vocab_size=49152, seed=3), smollm2_tokenizer, root / "model")
-    config = {"data_dir": str(root / "data"),
-              "models": {"cache_dir": str(model_cache), "chat": {"default": str(root / "model")}},
-              "roles": {"student": {"model": "default", "max_tokens": 16}},
-              "wake": {"user": "ana"}}
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = make_tiny_config(root, smollm2_tokenizer, model_cache,
+                            roles={"student": {"model": "default", "max_tokens": 16}},
+                            wake={"user": "ana"})
     return path, root / "data"
 
 

@@ -11,28 +11,23 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_llama
+from conftest import tiny_config as make_tiny_config
 from reverie.memory.daylog import DayLog
 from reverie.cli import app
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, smollm2_tokenizer, model_cache):
-    from reverie.training.versions import save_model_dir
-
     root = tmp_path_factory.mktemp("tiny")
-    save_model_dir(tiny_llama(vocab_size=49152, seed=3), smollm2_tokenizer, root / "model")
-    config = {"data_dir": str(root / "data"),
-              "models": {"cache_dir": str(model_cache), "chat": {"default": str(root / "model")}},
-              "roles": {"student": {"model": "default", "max_tokens": 24},
-                        "dreamer": {"model": "default", "temperature": 1.0, "max_tokens": 96},
-                        "verifier": {"model": "default", "max_tokens": 64},
-                        "reshaper": {"model": "default", "max_tokens": 96},
-                        "persona": {"model": "default", "max_tokens": 64}},
-              "night": {"dream_bursts": 1, "reshape_rounds": 0},
-              "wake": {"user": "ana", "eval_max_tokens": 8}}
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = make_tiny_config(root, smollm2_tokenizer, model_cache,
+                            roles={"student": {"model": "default", "max_tokens": 24},
+                                   "dreamer": {"model": "default", "temperature": 1.0,
+                                               "max_tokens": 96},
+                                   "verifier": {"model": "default", "max_tokens": 64},
+                                   "reshaper": {"model": "default", "max_tokens": 96},
+                                   "persona": {"model": "default", "max_tokens": 64}},
+                            night={"dream_bursts": 1, "reshape_rounds": 0},
+                            wake={"user": "ana", "eval_max_tokens": 8})
     return path, root / "data"
 
 
