@@ -388,3 +388,28 @@ def test_the_cli_refuses_a_public_host_without_a_key(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "refusing to listen on 0.0.0.0 without an API key" in result.output
     assert "--no-auth" in result.output and "Traceback" not in result.output
+
+
+def test_served_turns_are_slept_on(echo_server, runtime):
+    # what a client said over the API is the night's input, like a `reverie chat` turn
+    import json
+
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from reverie.graphs.run import run_night
+    from reverie.memory.diary import read_steps
+
+    url, _, settings = echo_server
+    client(url).chat.completions.create(
+        model="base", user="dora",
+        messages=[{"role": "user", "content": "I keep bees on my roof in Ghent."}])
+    fake = lambda text: FakeListChatModel(responses=[text])  # noqa: E731
+    models = {"dreamer": fake(json.dumps({"memories": []})), "verifier": fake("{}"),
+              "reshaper": fake("{}"), "persona": fake("{}")}
+    summary = asyncio.run(run_night(settings, models=models, embedder=runtime.embedder(),
+                                    user_id="dora", learner=None))
+    assert summary["sessions"] == 1
+    steps = read_steps(settings.paths.diary / summary["night_id"] / "steps.jsonl")
+    dream = next(s for s in steps if s.agent == "dreamer")
+    assert "I keep bees on my roof in Ghent." in dream.prompt[-1]["content"]
+    assert DayLog(settings.paths.days).unconsumed("dora") == []
