@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from reverie.runtime.chat_model import MLXChatModel
 from reverie.runtime.structured import StructuredOutputError, structured
@@ -112,12 +112,17 @@ def test_default_model_fills_a_schema(default_runtime):
 
 
 class Note(BaseModel):
+    # closed by pydantic itself, so the loose (strict=False) grammar is bounded too
+    model_config = ConfigDict(extra="forbid")
+
     text: str = Field(max_length=30)
-    tag: str = ""  # optional: only a strict schema forces it
+    tag: str = Field("", max_length=10)  # optional: only a strict schema forces it
 
 
 def test_standard_method_and_strict_arguments(loaded):
-    chat = MLXChatModel(loaded=loaded, role="verifier", max_tokens=60, temperature=1.0)
+    # bounded strings and room to close them: a random model under any of these grammars
+    # ends its object within max_tokens (greedy, so the same way on every run)
+    chat = MLXChatModel(loaded=loaded, role="verifier", max_tokens=120, temperature=0.0)
     for method in ("json_schema", "function_calling"):
         assert isinstance(chat.with_structured_output(Verdict, method=method).invoke("Judge."),
                           Verdict)
