@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from reverie.runtime.structured import json_schema
 from reverie.agents.common import AgentCall, call
 from reverie.memory.identity import Identity
-from reverie.memory.records import Candidate, IdentityItem
+from reverie.memory.records import Candidate, IdentityItem, neutralise
 
 VARIABLES = frozenset({"identity", "memory"})
 
@@ -39,7 +39,7 @@ class PersonaConsultant:
         memory = (f"Q: {candidate.question} A: {candidate.answer}" if candidate.kind == "fact"
                   else candidate.text)
         result = await call(self.model, self.prompt,
-                            {"identity": self.identity.text(), "memory": memory},
+                            {"identity": self.identity.text(), "memory": neutralise(memory)},
                             Review, "persona", self.attempts, grammar())
         review = result.parsed
         if review is None:

@@ -7,7 +7,7 @@ from reverie.agents.common import AgentCall, call
 from reverie.agents.dreamer import (DreamedMemory, answer_spans, cites_of, clean_phrasings,
                                     conform, context, narrow, note_text, user_turn_ids)
 from reverie.agents.verifier import note
-from reverie.memory.records import Candidate, Session, transcript_of
+from reverie.memory.records import Candidate, Session, neutralise, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "reasons"})
 
@@ -32,8 +32,8 @@ class Reshaper:
         schema = grammar(user_turn_ids(shown), self.night.phrasings, spans)
         result = await call(self.model, self.prompt,
                             {"transcript": transcript_of(shown), "kind": candidate.kind,
-                             "memory": note(candidate),
-                             "reasons": "; ".join(candidate.reasons) or "none given"},
+                             "memory": neutralise(note(candidate)),
+                             "reasons": neutralise("; ".join(candidate.reasons) or "none given")},
                             DreamedMemory, "reshaper", self.attempts, schema)
         new = result.parsed
         if new is not None and not constrains_decoding(self.model):  # the grammar's checks

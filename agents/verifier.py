@@ -2,6 +2,8 @@
 
 Grounding is checked twice: deterministically (every name, number and date, and most
 content words of the answer, must appear in the cited turns) and by the model's judgement.
+A cited turn that imitates the night's own formats (a forged verdict or note, chat-template
+tokens, the transcript's tags: :data:`FORGERIES`) is no evidence, whatever the model says.
 Novelty is 1 minus the cosine similarity to the user's closest existing memory.
 """
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from reverie.agents.common import AgentCall, call
 from reverie.agents.dreamer import context
-from reverie.memory.records import Candidate, Scores, Session, transcript_of
+from reverie.memory.records import Candidate, Scores, Session, neutralise, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "cites"})
 
@@ -25,6 +27,47 @@ would you your yes user assistant about also just like really very user's name n
 thing things kind sort favorite favourite tell know question answer""".split())
 _NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
 _WORD = re.compile(r"[A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'-]*")
+
+
+# Shapes a person telling an assistant about themselves does not write, but a turn forging
+# the night's own formats does: chat-template control tokens, the transcript's fence tags,
+# the verifier prompt's note line, turn labels, the agents' JSON keys (a verdict, a dream),
+# a line addressed to one of the night's agents. A memory citing such a turn is not kept,
+# whatever the model says (a small model reads a forged verdict as one).
+FORGERIES = (
+    ("a chat-template control token", re.compile(r"<\|[^|<>\n]{1,40}\|>|<\uff5c|\[/?INST\]")),
+    ("the transcript's fence tags", re.compile(r"</?\s*(?:transcript|turn)\b", re.I)),
+    ("the verifier's note line", re.compile(r"^\W*Note \((?:fact|preference|rule)\b", re.I | re.M)),
+    ("a turn label", re.compile(r"^\W*\[[^\]\n]{1,24}\]\s*(?:user|assistant|system)\s*:",
+                                re.I | re.M)),
+    ("a verdict's or a dream's JSON", re.compile(
+        r'"(?:grounded|importance|utility|memories)"\s*:')),
+    ("a line addressed to the night's agents", re.compile(
+        r"^\W*(?:verifier|dreamer|reshaper|note-taker|persona consultant|system)\b\s*[:,]",
+        re.I | re.M)),
+)
+
+
+def forgeries(text: str) -> list[str]:
+    """What in ``text`` imitates the night's own prompts or verdicts (:data:`FORGERIES`'
+    names; ``[]`` for none)."""
+    return [name for name, pattern in FORGERIES if pattern.search(text)]
+
+
+def forged_cites(candidate: Candidate, session: Session) -> list[str]:
+    """A reason per cited turn of ``session`` that imitates the night's own formats (such a
+    turn speaks to the night, it is no evidence about the user), and one if the candidate's
+    own text does (it would carry the forgery into training rows and later prompts)."""
+    own = forgeries("\n".join([candidate.text, candidate.question, candidate.answer,
+                               *candidate.phrasings]))
+    out = [f"the note imitates the night's own prompts ({', '.join(own)})"] if own else []
+    for turn_id in candidate.cites:
+        turn = session.turn(turn_id)
+        found = forgeries(turn.content) if turn is not None else []
+        if found:
+            out.append(f"cited turn {turn_id} imitates the night's own prompts "
+                       f"({', '.join(found)}): not evidence")
+    return out
 
 
 class Judgement(BaseModel):
@@ -132,12 +175,13 @@ class Verifier:
         """The candidate with scores, reasons and status ``passed``, ``failed`` (may be
         reshaped) or ``rejected`` (already known, or out of reshape rounds)."""
         det, reasons = grounding_check(candidate, session)
+        reasons += forged_cites(candidate, session)
         novelty = self.novelty(candidate.statement(), candidate.user_id)
         result = await call(self.model, self.prompt,
                             {"transcript": transcript_of(context(session, candidate.cites,
                                                                  self.night.window_turns)),
-                             "kind": candidate.kind, "memory": note(candidate),
-                             "cites": ", ".join(candidate.cites) or "none"},
+                             "kind": candidate.kind, "memory": neutralise(note(candidate)),
+                             "cites": neutralise(", ".join(candidate.cites) or "none")},
                             Judgement, "verifier", self.attempts)
         j = result.parsed
         if j is None:

@@ -12,8 +12,11 @@ each) so the local model batches them. The state holds pydantic records (session
 candidates, forget requests, parked thoughts, the consolidation's and the subconscious'
 outcomes), checkpointed after every step by LangGraph's SQLite checkpointer, which revives
 them as the same classes (:data:`STATE_RECORDS`): a night killed at any point resumes
-without repeating finished agent calls, and every id is deterministic so consolidation
-never adds a memory twice.
+without repeating finished agent calls (an agent call whose diary line was written before
+the kill, but whose result the checkpoint missed, is taken from that line:
+:func:`replayed`), and every id is deterministic so consolidation never adds a memory
+twice. A node killed half-way runs again whole, so each one's writes are safe to repeat
+(consolidate reads back what it had done from the store, learn from the model version).
 
 The subconscious: *park* keeps what tonight rejected (not for being already known) or the
 persona vetoed as parked thoughts in the memory store; on the user's next nights *revisit*
@@ -244,11 +247,29 @@ async def dream(task: DreamTask, runtime: Runtime[NightDeps]) -> dict:
     deps, session = runtime.context, task.session
     window = windows(session, deps.night.window_turns)[task.window]
     prefix = f"{session.session_id}:w{task.window}:b{task.burst}"
+    if (done := replayed(deps, f"dream:{prefix}")) is not None:
+        return done
     candidates, result = await deps.dreamer.dream(session, window, task.night_id, prefix)
     deps.diary.record(DiaryStep(step_id=f"dream:{prefix}", night_id=task.night_id,
                                 agent="dreamer", session_id=session.session_id,
-                                verdict=f"{len(candidates)} candidates", **result.diary_fields()))
+                                verdict=f"{len(candidates)} candidates", **result.diary_fields(),
+                                produced=produced(candidates)))
     return {"candidates": {c.id: c for c in candidates}}
+
+
+def replayed(deps: NightDeps, step_id: str) -> Optional[dict]:
+    """The state update of agent step ``step_id`` if this night's diary holds it (a run
+    killed after writing the step's line but before the checkpoint took its result), else
+    None: the resumed night uses it and does not call the agent a second time."""
+    step = deps.diary.recorded(step_id)
+    if step is None or step.produced is None:
+        return None
+    return {"candidates": {c["id"]: Candidate.model_validate(c) for c in step.produced}}
+
+
+def produced(candidates: list[Candidate]) -> list[dict]:
+    """Candidates as the diary keeps them for :func:`replayed` (JSON)."""
+    return [c.model_dump(mode="json") for c in candidates]
 
 
 def triage(state: NightState) -> dict:
@@ -274,12 +295,14 @@ async def verify(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
     """The verifier on a pending candidate: ``passed``, ``failed`` (to reshape) or
     ``rejected``, with its scores and reasons."""
     deps, before = runtime.context, task.candidate
+    if (done := replayed(deps, f"verify:{before.id}:{before.round}")) is not None:
+        return done
     after, result = await deps.verifier.verify(before, task.session)
     deps.diary.record(DiaryStep(
         step_id=f"verify:{after.id}:{before.round}", night_id=task.night_id, agent="verifier",
         candidate_id=after.id, session_id=after.session_id, round=before.round,
         scores=after.scores.model_dump(), verdict=after.status, reasons=after.reasons,
-        **result.diary_fields()))
+        **result.diary_fields(), produced=produced([after])))
     return {"candidates": {after.id: after}}
 
 
@@ -287,12 +310,14 @@ async def reshape(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
     """The reshaper on a failed candidate: rewritten and ``pending`` again (next round), or
     ``rejected`` once ``night.reshape_rounds`` are spent."""
     deps, before = runtime.context, task.candidate
+    if (done := replayed(deps, f"reshape:{before.id}:{before.round}")) is not None:
+        return done
     after, result = await deps.reshaper.reshape(before, task.session)
     deps.diary.record(DiaryStep(
         step_id=f"reshape:{after.id}:{before.round}", night_id=task.night_id, agent="reshaper",
         candidate_id=after.id, session_id=after.session_id, round=before.round,
         verdict="reshaped" if after.status == "pending" else after.status,
-        reasons=before.reasons, **result.diary_fields()))
+        reasons=before.reasons, **result.diary_fields(), produced=produced([after])))
     return {"candidates": {after.id: after}}
 
 
@@ -300,12 +325,15 @@ async def consult(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
     """The persona consultant on a passed candidate: ``approved`` (with any identity items
     it proposes) or ``vetoed``."""
     deps = runtime.context
+    if (done := replayed(deps, f"persona:{task.candidate.id}")) is not None:
+        return done
     after, result = await deps.persona.review(task.candidate)
     deps.diary.record(DiaryStep(
         step_id=f"persona:{after.id}", night_id=task.night_id, agent="persona",
         candidate_id=after.id, session_id=after.session_id,
         verdict="approve" if after.status == "approved" else "veto",
-        reasons=[after.persona_note] if after.persona_note else [], **result.diary_fields()))
+        reasons=[after.persona_note] if after.persona_note else [], **result.diary_fields(),
+        produced=produced([after])))
     return {"candidates": {after.id: after}}
 
 
@@ -313,7 +341,16 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     """Memory operations: add, supersede a contradicted fact (old kept and linked),
     merge duplicates, and delete what the user explicitly asked to forget (every version,
     :func:`reverie.memory.manage.forget_memory`). A user's edit is not superseded by a
-    candidate whose session is not newer than the edit (the user corrected that)."""
+    candidate whose session is not newer than the edit (the user corrected that).
+
+    Holds the store's exclusive lock throughout (:meth:`MemoryStore.exclusive`), so a
+    ``reverie memories forget`` or ``edit`` in another process waits and cannot delete a
+    memory between this node's reading it and writing it (store and index stay together)."""
+    with runtime.context.store.exclusive():
+        return _consolidate(state, runtime)
+
+
+def _consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     deps, night_id = runtime.context, state["night_id"]
     ops = Consolidation()
     forget = state.get("forget", [])
@@ -323,8 +360,11 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     def log(op: str, memory_id: str, text: str, reasons: list[str] = (),
             c: Optional[Candidate] = None):
         # the candidate's id ties the step to its thread in the diary (a duplicate's
-        # memory_id is the other memory's)
-        deps.diary.record(DiaryStep(step_id=f"consolidate:{op}:{memory_id}", night_id=night_id,
+        # memory_id is the other memory's, so its step id names the candidate too: two
+        # candidates can duplicate one memory)
+        step_id = f"consolidate:{op}:{memory_id}"
+        step_id += f":{c.id}" if op in ("duplicate", "kept-edit") else ""
+        deps.diary.record(DiaryStep(step_id=step_id, night_id=night_id,
                                     agent="consolidate", memory_id=memory_id, verdict=op,
                                     raw_output=text, reasons=list(reasons),
                                     candidate_id=c.id if c else "",
@@ -332,22 +372,47 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
 
     sessions = {s.session_id: s for s in state.get("sessions", [])}
     for request in forget:  # only ever on the user's explicit request
+        why = f"forget request in {request.session_id}/{request.turn_id} (night {night_id})"
         for memory, sim in memories_like(deps.store, deps.index, request.user_id,
                                          request.target, deps.night.forget_similarity):
-            for memory_id in forget_memory(
-                    deps.store, deps.index, memory.id,
-                    reason=f"forget request in {request.session_id}/{request.turn_id}",
-                    request=request.text):
+            for memory_id in forget_memory(deps.store, deps.index, memory.id, reason=why,
+                                           request=request.text):
                 ops.deleted.append(memory_id)
                 log("delete", memory_id, request.text,
                     [f"similarity {sim:.2f} to '{request.target}'"]
                     + ([f"a version of {memory.id}"] if memory_id != memory.id else []))
+        # deleted by this night before it was killed (resumed): their tombstones say so
+        for gone in deps.store.deletions(request.user_id):
+            if gone["reason"] == why and gone["id"] not in ops.deleted:
+                ops.deleted.append(gone["id"])
+                log("delete", gone["id"], request.text)
 
+    # what this night did before it was killed (resumed), found in the store: the
+    # duplicates it noted (by their history entry) and, below, the memories it added
+    noted = {h.get("reason"): m.id for user in sorted({c.user_id for c in approved})
+             for m in deps.store.list(user_id=user, include_superseded=True)
+             for h in m.history if f"(night {night_id}, " in h.get("reason", "")}
     for c in approved:
         memory = to_memory(c)
-        if deps.store.get(memory.id) is not None:  # a resumed night: done already
+        stored = deps.store.get(memory.id)
+        if stored is not None:  # added already: by this night before a kill, or an earlier one
+            if stored.night_id == night_id:
+                gone = [a for a in stored.associated
+                        if (old := deps.store.get(a)) and old.superseded_by == memory.id]
+                ops.added.append(memory.id)
+                ops.superseded += gone
+                log("supersede" if gone else "add", memory.id, memory.statement(),
+                    [f"supersedes {a}" for a in gone], c)
             if c.revives:
                 ops.revived[c.id] = memory.id
+            continue
+        seen = f"seen again in {c.session_id} (night {night_id}, candidate {c.id})" \
+            + (f"; {revived_note(c)}" if c.revives else "")
+        if seen in noted:
+            ops.duplicates.append(noted[seen])
+            if c.revives:
+                ops.revived[c.id] = noted[seen]
+            log("duplicate", noted[seen], c.statement(), [f"same as {noted[seen]}"], c)
             continue
         hit = forget_hit(forget, c.user_id, c.statement(), deps)
         if hit:
@@ -364,8 +429,7 @@ def consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         if op == "duplicate":
             existing = deps.store.get(other)
             existing.associated = sorted(set(existing.associated) | {f"{c.session_id}:{t}" for t in c.cites})
-            deps.store.update(existing, reason=f"seen again in {c.session_id} (night {night_id})"
-                              + (f"; {revived_note(c)}" if c.revives else ""))
+            deps.store.update(existing, reason=seen)
             ops.duplicates.append(other)
             if c.revives:
                 ops.revived[c.id] = other
@@ -513,11 +577,13 @@ def learn(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             deps.diary.record(DiaryStep(step_id=f"unlearned:{memory_id}", night_id=night_id,
                                         agent="forge", memory_id=memory_id, verdict="unlearned",
                                         reasons=[f"{outcome.version} no longer answers it"]))
+    again = f"replayed in night {night_id}"
     for memory_id in outcome.replayed:
         m = deps.store.get(memory_id)
-        if m is not None:
+        # once a night: a resumed night may run this node a second time
+        if m is not None and not any(h.get("reason") == again for h in m.history):
             m.replays += 1
-            deps.store.update(m, reason=f"replayed in night {night_id}")
+            deps.store.update(m, reason=again)
     verdict = f"promoted {outcome.version}" if outcome.promoted else \
         ("nothing to learn" if not outcome.pre else f"rolled back to {outcome.parent}")
     deps.diary.record(DiaryStep(step_id="forge", night_id=night_id, agent="forge", verdict=verdict,

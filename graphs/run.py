@@ -29,6 +29,8 @@ from reverie.memory.identity import load_identity
 from reverie.memory.store import MemoryStore
 from reverie.prompts import load_chat_frame, load_prompt
 from reverie.config import Settings
+from reverie.files import atomic_write_json
+from reverie.locks import holds_night_lock
 from reverie.training.dataset import unlearn_answer
 
 # Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
@@ -85,6 +87,7 @@ def unfinished_night(settings: Settings) -> Optional[str]:
     return nights[-1]["night_id"] if nights else None
 
 
+@holds_night_lock  # one night per data dir: a second one raises NightLocked
 async def run_night(settings: Settings, models: dict | None = None, embedder=None,
                     runtime=None, resume: bool | str = False, user_id: str | None = None,
                     include_consumed: bool = False,
@@ -107,6 +110,8 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
         on_train: ``(step, total, loss, tokens_per_s)`` while the forge trains.
 
     Raises:
+        reverie.locks.NightLocked: another night is running on this data dir (refused at
+            once, nothing written; a lock left by a killed night is taken over).
         NightError: ``resume`` asked for but there is no unfinished night.
         ChromaUnavailable: ``memory.chroma_url``'s server cannot be used: before the night
             starts (nothing written), or it stopped answering mid-night (the night stays
@@ -138,10 +143,9 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
     if resume:  # the store and the index are not written in one transaction: re-align them
         deps.index.sync(deps.store)
     started = deps.diary.dir / "started.json"
+    inputs = {"night_id": night_id, "user_id": user_id, "include_consumed": include_consumed}
     if not resume:
-        started.parent.mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps({"night_id": night_id, "user_id": user_id,
-                                       "settings": settings.night.model_dump()}, indent=1))
+        atomic_write_json(started, {**inputs, "settings": settings.night.model_dump()})
     config = {"configurable": {"thread_id": night_id},
               "max_concurrency": settings.night.max_concurrency, "recursion_limit": 200}
     settings.paths.nights_db.parent.mkdir(parents=True, exist_ok=True)
@@ -151,14 +155,23 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
         saver = AsyncSqliteSaver(conn, serde=serde)
         graph = build_graph().compile(checkpointer=saver)
         if resume:
-            snapshot = await graph.aget_state(config)
-            if not snapshot.next and snapshot.values:
+            if (deps.diary.dir / "summary.json").exists():
                 raise NightError(f"night {night_id} already finished")
-        inputs = None if resume else {"night_id": night_id, "user_id": user_id,
-                                      "include_consumed": include_consumed}
+            # a checkpoint: go on from it (a graph that ended only lacks its summary); none
+            # (killed before the first step was saved): start as the night was asked to
+            if (await graph.aget_state(config)).values:
+                inputs = None
+            else:
+                asked = json.loads(started.read_text()) if started.exists() else {}
+                inputs = {k: asked.get(k, inputs[k]) for k in inputs}
         try:
+            # durability="sync": each step's checkpoint is on disk before the next step
+            # starts (a few ms of SQLite per step). With LangGraph's default ("async") it
+            # is saved while the next step runs, so a kill then could lose a finished step
+            # (consolidation, the hand-off, the forge) and the resumed night would do its
+            # work again, the forge's minutes of training included.
             async for update in graph.astream(inputs, config, context=deps,
-                                              stream_mode="updates"):
+                                              stream_mode="updates", durability="sync"):
                 for node, value in update.items():
                     if on_update:
                         on_update(node, value or {})

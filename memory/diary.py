@@ -4,9 +4,11 @@
 the night runs), ``transcript.md`` (the same steps as Markdown: appended step by step as the
 night runs, so ``tail -f`` follows it, then rewritten whole, with the summary on top, when
 the night ends) and ``summary.json`` (counts, time and tokens per agent; written last, so
-a night without one is unfinished). A resumed night appends to the same files; a step
-recorded twice (killed between writing it and checkpointing) is read once, by its
-deterministic ``step_id``. ``reverie diary html`` renders a night as one web page
+a night without one is unfinished). A resumed night appends to the same files, each
+``step_id`` (deterministic) once: a step recorded before the kill is not recorded again,
+and an agent step's line carries what it produced (``produced``), so a resumed night takes
+that from the diary instead of calling the agent a second time (:meth:`Diary.recorded`). A
+line cut off by the kill is dropped when the night resumes. ``reverie diary html`` renders a night as one web page
 (:mod:`reverie.memory.diary_html`).
 """
 
@@ -53,6 +55,10 @@ class DiaryStep(BaseModel):
     error: str = ""
     # what was dropped or changed after the call, for a model that was not grammar-bound
     checks: list[str] = Field(default_factory=list)
+    # what the step put into the night's state (an agent step: the candidates it returned,
+    # as JSON), written in the same line as the step: a resumed night reuses it rather than
+    # calling the agent again (graphs/night.py); not shown in the transcript
+    produced: Any = None
 
 
 class Diary:
@@ -67,6 +73,20 @@ class Diary:
         self.dir = Path(root) / night_id
         self.night_id = night_id
         self._lock = threading.Lock()
+        self._known: Optional[dict[str, DiaryStep]] = None  # step_id -> step, once read
+
+    def _recorded_steps(self) -> dict[str, DiaryStep]:
+        """The steps already in ``steps.jsonl`` by id (read once, under the lock). A last
+        line without its newline was cut off by a kill: it is truncated away, so the next
+        step starts a line of its own."""
+        if self._known is None:
+            if self.steps_file.exists():
+                data = self.steps_file.read_bytes()
+                if data and not data.endswith(b"\n"):
+                    with open(self.steps_file, "r+b") as f:
+                        f.truncate(data.rfind(b"\n") + 1)
+            self._known = {s.step_id: s for s in read_steps(self.steps_file)}
+        return self._known
 
     @property
     def steps_file(self) -> Path:
@@ -78,9 +98,15 @@ class Diary:
 
     def record(self, step: DiaryStep) -> None:
         """Append one step to ``steps.jsonl`` and, as Markdown, to ``transcript.md`` (each
-        flushed at once, so a killed night keeps what it did and ``tail -f`` follows it)."""
+        flushed at once, so a killed night keeps what it did and ``tail -f`` follows it).
+        A step whose ``step_id`` is recorded already (a resumed night doing a step again)
+        is not written twice: the first record stands."""
         line = step.model_dump_json() + "\n"
         with self._lock:
+            known = self._recorded_steps()
+            if step.step_id in known:
+                return
+            known[step.step_id] = step
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(self.steps_file, "a", encoding="utf-8") as f:
                 f.write(line)
@@ -90,6 +116,11 @@ class Diary:
 
     def steps(self) -> list[DiaryStep]:
         return read_steps(self.steps_file)
+
+    def recorded(self, step_id: str) -> Optional[DiaryStep]:
+        """Step ``step_id`` if this night recorded it already (before a kill), else None."""
+        with self._lock:
+            return self._recorded_steps().get(step_id)
 
     def finish(self, extra: dict) -> dict:
         """Rewrite ``transcript.md`` whole (summary on top, steps in time order, each once),
@@ -105,7 +136,8 @@ class Diary:
 
 
 def read_steps(path: Path) -> list[DiaryStep]:
-    """Steps of a ``steps.jsonl`` file, each ``step_id`` once (the last record wins).
+    """Steps of a ``steps.jsonl`` file, each ``step_id`` once (the last record wins). A
+    last line without its newline that does not parse was cut off by a kill: skipped.
 
     Raises:
         ValueError: a line is not a diary step (the message names the file and line).
@@ -113,11 +145,17 @@ def read_steps(path: Path) -> list[DiaryStep]:
     if not Path(path).exists():
         return []
     by_id: dict[str, DiaryStep] = {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    # newlines only: splitlines would also split at U+2028, U+2029 and NEL, which a step's
+    # JSON holds raw inside its strings (a day's text, a model's answer)
+    lines = text.split("\n")
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 step = DiaryStep.model_validate_json(line)
             except ValidationError as exc:
+                if n == len(lines) and not text.endswith("\n"):
+                    break
                 raise ValueError(f"{path}:{n}: not a diary step: "
                                  f"{exc.errors()[0].get('msg', exc)}") from None
             by_id.pop(step.step_id, None)
@@ -220,7 +258,8 @@ def list_nights(root: Path) -> list[dict]:
         summary_file = d / "summary.json"
         if summary_file.exists():
             out.append(json.loads(summary_file.read_text()))
-        elif (d / "steps.jsonl").exists():
+        elif (d / "steps.jsonl").exists() or (d / "started.json").exists():
+            # started.json alone: killed before its first step, it resumes from the start
             out.append({"night_id": d.name, "status": "unfinished",
                         "steps": len(read_steps(d / "steps.jsonl"))})
     return out

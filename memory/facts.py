@@ -632,18 +632,48 @@ class MemoryIndex(_Collection):
         superseded ones included, is upserted; indexed ids the store no longer has
         (deleted memories) are removed.
 
+        Holds :meth:`MemoryStore.exclusive`, so a concurrent forget or night does not
+        change the store between the read and the index writes.
+
         Returns:
             ``{"indexed": n, "removed": n}``.
         """
-        memories = store.list(user_id=user_id, include_superseded=True)
-        self.upsert_many(memories)
-        keep = {m.id for m in memories}
-        have = self.collection.get(where={"user_id": user_id} if user_id else None,
-                                   include=[])["ids"]
-        stale = [i for i in have if i not in keep]
-        for i in range(0, len(stale), _BATCH):
-            self.collection.delete(ids=stale[i:i + _BATCH])
+        with store.exclusive():
+            memories = store.list(user_id=user_id, include_superseded=True)
+            self.upsert_many(memories)
+            keep = {m.id for m in memories}
+            have = self.collection.get(where={"user_id": user_id} if user_id else None,
+                                       include=[])["ids"]
+            stale = [i for i in have if i not in keep]
+            for i in range(0, len(stale), _BATCH):
+                self.collection.delete(ids=stale[i:i + _BATCH])
         return {"indexed": len(memories), "removed": len(stale)}
+
+    @_remote
+    def check(self, store: MemoryStore, user_id: Optional[str] = None) -> dict[str, list[str]]:
+        """Compare the index with the store (one user's memories, or everyone's) without
+        changing either: what :meth:`sync` would fix.
+
+        Returns:
+            ``{"missing": ids stored but not indexed, "stale": ids indexed but not stored
+            (deleted), "differ": ids indexed with another text, user or superseded mark
+            than the store's}``, each sorted; all empty when the two agree. (The index's
+            ``status`` metadata is not compared: no query filters on it.)
+        """
+        with store.exclusive():  # a consistent view: no change of both half-done
+            memories = {m.id: m for m in store.list(user_id=user_id, include_superseded=True)}
+            have = self.collection.get(where={"user_id": user_id} if user_id else None,
+                                       include=["documents", "metadatas"])
+        indexed = dict(zip(have["ids"], zip(have["documents"], have["metadatas"])))
+        differ = []
+        for i in sorted(set(indexed) & set(memories)):
+            doc, meta = indexed[i]
+            m = memories[i]
+            if (doc != m.statement() or (meta or {}).get("user_id") != m.user_id
+                    or bool((meta or {}).get("superseded")) != (m.superseded_by is not None)):
+                differ.append(i)
+        return {"missing": sorted(set(memories) - set(indexed)),
+                "stale": sorted(set(indexed) - set(memories)), "differ": differ}
 
 
 __all__ = ["ChromaUnavailable", "FactChunk", "FactStore", "MemoryIndex", "chunk_verbatim",

@@ -19,26 +19,43 @@ Every session is imported for the ``user_id`` given (the owner in Reverie), what
 record names. Errors name the file, the line (JSON Lines, 1-based) or record (JSON
 documents: 1-based index in the array, or the LoCoMo session number) and the field as a
 dotted path (``messages.2.role``, indices 0-based), and never stop the valid records around
-them from being imported.
+them from being imported: in JSON Lines every line stands alone (a line that is not JSON,
+not UTF-8 or nested too deeply is one error); in a JSON document a record that parses but is
+wrong is rejected alone, while a syntax error rejects the document (the error names its
+line and column). Files are UTF-8 (a byte-order mark is skipped) or UTF-16/32 with a
+byte-order mark. Text must be valid Unicode (no lone surrogates such as the JSON escape
+``"\\ud800"``) and a message at most :data:`MAX_MESSAGE_CHARS` characters long.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import re
+import reprlib
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 from reverie.memory.daylog import DayLog, validate_user_id
-from reverie.memory.records import Message, Session
+from reverie.memory.records import Message, Session, Text
 
 Format = Literal["reverie", "openai", "sharegpt", "locomo"]
 FORMATS: tuple[str, ...] = ("reverie", "openai", "sharegpt", "locomo")
+# The longest message imported, in characters (about 25,000 tokens): longer than any chat
+# turn, shorter than a pasted book. The night reads sessions in windows of turns, so one
+# giant turn would become one giant prompt.
+MAX_MESSAGE_CHARS = 100_000
+# JSON nested deeper than this is reported with the line where it got this deep (Python's
+# json parser gives up at about 1,000 levels, with a RecursionError).
+MAX_NESTING = 500
 
 
 def sample_day_path() -> Path:
@@ -144,14 +161,37 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 3, 60, 60, 4, 4
+
+
+def shown(value: Any) -> str:
+    """A value as errors quote it: its repr, cut short (a 5 MB string or 10,000 nested
+    lists come out as a few dozen characters)."""
+    try:
+        text = _repr.repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as text that can always be printed: bytes of a name that are not UTF-8 come
+    out as ``\\xff`` (as ``ls -b`` shows them) instead of lone surrogates."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _message(err: dict) -> str:
     """A short message for one pydantic error."""
     kind, ctx = err["type"], err.get("ctx") or {}
     value = err.get("input")
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    shown_value = shown(value)
+    if kind in ("string_too_long", "too_long") and isinstance(value, str):
+        return (f"{len(value):,} characters, more than the {ctx.get('max_length', 0):,} a "
+                "message may have")
     if kind == "literal_error":
         expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
-        return f"{shown} is not one of {expected}"
+        return f"{shown_value} is not one of {expected}"
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
@@ -159,7 +199,7 @@ def _message(err: dict) -> str:
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {shown}"
+        return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {shown_value}"
     return err["msg"]
 
 
@@ -195,13 +235,34 @@ def _text(content: Any) -> Any:
     return content
 
 
+# A message's text: valid Unicode, at most MAX_MESSAGE_CHARS characters.
+_MessageText = Annotated[Text, Field(max_length=MAX_MESSAGE_CHARS)]
+# The time fields each format may use, in order of preference (the first one not null).
+_MESSAGE_TIME = ("timestamp", "created_at", "created", "time")
+_START_TIME = ("started_at", "created_at", "created", "timestamp", "start_time")
+_END_TIME = ("ended_at", "updated_at", "end_time")
+
+
+def _drop_nulls(obj: Any, keys: tuple[str, ...]) -> Any:
+    """``obj`` without the time keys that are null, so the first one that is set is read
+    (and an error names the key the file has)."""
+    if isinstance(obj, dict) and any(k in obj and obj[k] is None for k in keys):
+        return {k: v for k, v in obj.items() if not (k in keys and v is None)}
+    return obj
+
+
 class _OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: Optional[str] = None
-    timestamp: Optional[datetime] = None
+    content: Optional[_MessageText] = None
+    timestamp: Optional[datetime] = Field(None, validation_alias=AliasChoices(*_MESSAGE_TIME))
     tool_calls: Optional[list] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _times(cls, v: Any) -> Any:
+        return _drop_nulls(v, _MESSAGE_TIME)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -212,56 +273,43 @@ class _OpenAIMessage(BaseModel):
     @classmethod
     def _role(cls, v: str) -> str:
         if v not in _OPENAI_ROLES and v not in _SKIPPED_ROLES:
-            raise ValueError(f"{v!r} is not one of user, assistant, system")
+            raise ValueError(f"{shown(v)} is not one of user, assistant, system")
         return v
-
-
-def _first(d: dict, *keys: str) -> Any:
-    return next((d[k] for k in keys if d.get(k) is not None), None)
 
 
 class _OpenAIRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: Optional[Union[str, int]] = None
+    id: Optional[Union[Text, int]] = None
     user: Optional[Union[str, int]] = None
-    started_at: Optional[datetime] = None
-    ended_at: Optional[datetime] = None
+    started_at: Optional[datetime] = Field(None, validation_alias=AliasChoices(*_START_TIME))
+    ended_at: Optional[datetime] = Field(None, validation_alias=AliasChoices(*_END_TIME))
     messages: list[_OpenAIMessage] = Field(min_length=1)
 
+    @model_validator(mode="before")
     @classmethod
-    def parse(cls, obj: dict) -> "_OpenAIRecord":
-        obj = dict(obj)
-        for m in obj.get("messages") or []:
-            if isinstance(m, dict) and "timestamp" not in m:
-                ts = _first(m, "created_at", "created", "time")
-                if ts is not None:
-                    m["timestamp"] = ts
-        if "started_at" not in obj:
-            obj["started_at"] = _first(obj, "created_at", "created", "timestamp", "start_time")
-        if "ended_at" not in obj:
-            obj["ended_at"] = _first(obj, "updated_at", "end_time")
-        return cls.model_validate(obj)
+    def _times(cls, v: Any) -> Any:
+        return _drop_nulls(_drop_nulls(v, _START_TIME), _END_TIME)
 
 
 class _ShareGPTTurn(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     from_: str = Field(alias="from")
-    value: str
+    value: _MessageText
 
     @field_validator("from_")
     @classmethod
     def _from(cls, v: str) -> str:
         if v not in _SHAREGPT_ROLES:
-            raise ValueError(f"{v!r} is not one of human, gpt, system")
+            raise ValueError(f"{shown(v)} is not one of human, gpt, system")
         return v
 
 
 class _ShareGPTRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: Optional[Union[str, int]] = None
+    id: Optional[Union[Text, int]] = None
     conversations: list[_ShareGPTTurn] = Field(min_length=1)
 
 
@@ -269,20 +317,143 @@ class _LocomoTurn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     speaker: str
-    dia_id: str
-    text: str
-    blip_caption: Optional[str] = None
+    dia_id: Text
+    text: _MessageText
+    blip_caption: Optional[_MessageText] = None
+
+
+# -- reading files ----------------------------------------------------------------------
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _read_text(path: Path) -> tuple[str, list[IngestError]]:
+    """The file's text and an error for each line that is not UTF-8 (its bad bytes read as
+    U+FFFD; a reader skips such a line, or rejects a JSON document that has one). UTF-8
+    with or without a byte-order mark; UTF-16 and UTF-32 with one.
+
+    Raises:
+        OSError: the file cannot be read (missing, a directory, no permission).
+        IngestError: UTF-16/32 that does not decode, or what looks like UTF-16 without a
+            byte-order mark (NUL bytes every other byte).
+    """
+    data = path.read_bytes()
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding), []
+            except UnicodeDecodeError as exc:
+                raise IngestError(shown_path(path), None, "", f"not valid {encoding.upper()} "
+                                  f"(byte {exc.start}): save the file as UTF-8") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    head = data[:8192]
+    half = len(head) // 2
+    if half >= 2 and max(head[0::2].count(0), head[1::2].count(0)) > half // 2:
+        raise IngestError(shown_path(path), None, "", "looks like UTF-16 without a byte-order "
+                          "mark (NUL bytes every other byte): save the file as UTF-8")
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError:
+        pass
+    errors = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append(IngestError(shown_path(path), number, "", f"not UTF-8: byte "
+                                      f"0x{raw[exc.start]:02x} at column {exc.start + 1} "
+                                      "(save the file as UTF-8)"))
+    return data.decode("utf-8", "replace"), errors
+
+
+def _whole(errors: list[IngestError]) -> list[IngestError]:
+    """Errors that reject a JSON document whole, saying so."""
+    for e in errors:
+        e.message += "; nothing of this JSON document was imported"
+    return errors
+
+
+def _lines(text: str) -> list[str]:
+    """JSON Lines: split at ``\\n`` (and ``\\r\\n``) only, numbered as ``wc -l`` and editors
+    count. ``str.splitlines`` would also split at U+2028, U+2029 and NEL, which JSON allows
+    raw inside strings. A file with ``\\r`` alone (classic Mac OS) is split there."""
+    if "\n" not in text:
+        return text.split("\r")
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+@dataclass
+class _Problem:
+    """Why a text is not one JSON value: the message and where (1-based line and column,
+    0-based position)."""
+
+    message: str
+    line: int
+    column: int = 1
+    pos: int = 0
+
+
+def _nesting_line(text: str) -> int:
+    """The line where ``text`` gets nested more than MAX_NESTING levels deep (1 if never)."""
+    depth, in_string, escaped, line = 0, False, False, 1
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return 1
+
+
+_NOTHING = object()
+
+
+def _parse_json(text: str) -> tuple[Any, Optional[_Problem]]:
+    """(the value, None), or (``_NOTHING``, the problem) when ``text`` is not one JSON
+    value: a syntax error, or nesting too deep for the parser."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return _NOTHING, _Problem(exc.msg, exc.lineno, exc.colno, exc.pos)
+    except RecursionError:
+        return _NOTHING, _Problem(f"nested more than {MAX_NESTING} levels deep",
+                                  _nesting_line(text))
+
+
+def _invalid(path: Path, problem: _Problem, line: Optional[int] = None) -> IngestError:
+    what = problem.message
+    if problem.column > 1:   # json's "Unterminated string starting at" wants its column
+        what += f" column {problem.column}" if what.endswith(" at") else \
+            f" (column {problem.column})"
+    return IngestError(shown_path(path), problem.line if line is None else line, "",
+                       f"invalid JSON: {what}")
+
+
+def _is_broken_document(text: str, problem: _Problem) -> bool:
+    """Whether ``text``, which does not parse, is a JSON array (rejected whole) rather than
+    JSON Lines whose first line is an array ("Extra data" at the start of line 2)."""
+    if not text.lstrip().startswith("["):
+        return False
+    return not (problem.message == "Extra data"
+                and text[:problem.pos].rstrip(" \t").endswith(("\n", "\r")))
 
 
 # -- format detection -------------------------------------------------------------------
-
-
-def _load_json(path: Path) -> tuple[Any, Optional[str]]:
-    """(parsed document, None), or (None, error text) when the file is not one JSON value."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), None
-    except json.JSONDecodeError as exc:
-        return None, f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
 
 
 def _is_locomo(obj: Any) -> bool:
@@ -290,6 +461,11 @@ def _is_locomo(obj: Any) -> bool:
         obj = obj["conversation"]
     return (isinstance(obj, dict) and "speaker_a" in obj and "speaker_b" in obj
             and any(re.fullmatch(r"session_\d+", k) for k in obj))
+
+
+def _is_locomo_document(doc: Any) -> bool:
+    return _is_locomo(doc) or (isinstance(doc, list) and bool(doc)
+                               and all(_is_locomo(x) for x in doc))
 
 
 def _kind_of(obj: Any) -> Optional[Format]:
@@ -304,40 +480,51 @@ def _kind_of(obj: Any) -> Optional[Format]:
     return None
 
 
+def _most_common(records: list) -> Optional[Format]:
+    """The kind most of ``records`` have (the first seen of a tie), None if none has one."""
+    votes = Counter(k for k in map(_kind_of, records) if k)
+    return votes.most_common(1)[0][0] if votes else None
+
+
 def detect_format(path: str | Path) -> Format:
     """Tell a file's format from its content: ``"reverie"``, ``"openai"``, ``"sharegpt"`` or
-    ``"locomo"`` (see the module docstring for each shape).
+    ``"locomo"`` (see the module docstring for each shape). JSON Lines and arrays go by the
+    kind most of their first 50 records have.
 
     Raises:
-        IngestError: the file cannot be read or matches none of the formats (the message
+        IngestError: the file cannot be read, is empty, is a JSON document with a syntax
+            error (the error names its line), or matches none of the formats (the message
             says what each format looks like).
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IngestError(path, None, "", f"cannot read: {exc}") from exc
-    doc, _ = _load_json(path) if text.strip() else (None, "empty")
-    if doc is not None:
-        if _is_locomo(doc) or (isinstance(doc, list) and doc and all(_is_locomo(x) for x in doc)):
+        text, _ = _read_text(path)
+    except OSError as exc:
+        raise IngestError(shown_path(path), None, "", f"cannot read: {exc.strerror or exc}") \
+            from None
+    if not text.strip():
+        raise IngestError(shown_path(path), None, "", "empty file: nothing to import")
+    doc, problem = _parse_json(text)
+    if problem is None:
+        if _is_locomo_document(doc):
             return "locomo"
-        if isinstance(doc, list):
-            kinds = {_kind_of(x) for x in doc if isinstance(x, dict)}
-            if kinds and kinds <= {"sharegpt"}:
-                return "sharegpt"
-        kind = _kind_of(doc)
+        kind = _kind_of(doc) or _most_common(doc[:50] if isinstance(doc, list) else [])
         if kind:
             return kind
     else:
-        for line in text.splitlines()[:50]:
+        records = []
+        for line in [ln for ln in _lines(text) if ln.strip()][:50]:
             try:
-                kind = _kind_of(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(json.loads(line))
+            except (ValueError, RecursionError):
                 continue
-            if kind:
-                return kind
-    raise IngestError(path, None, "", "unknown format: expected Reverie session JSONL "
-                      "(session_id, messages), OpenAI JSONL (messages: role, content), "
+        kind = _most_common(records)
+        if kind:
+            return kind
+        if text.lstrip().startswith(("[", "{")):
+            raise _whole([_invalid(path, problem)])[0]
+    raise IngestError(shown_path(path), None, "", "unknown format: expected Reverie session "
+                      "JSONL (session_id, messages), OpenAI JSONL (messages: role, content), "
                       "ShareGPT (conversations: from, value) or a LoCoMo conversation "
                       "(speaker_a, speaker_b, session_N)")
 
@@ -347,24 +534,31 @@ def detect_format(path: str | Path) -> Format:
 
 def _records(path: Path) -> tuple[list[tuple[int, Any]], str, list[IngestError]]:
     """The records of a JSON Lines file or a JSON array/object: ([(number, obj)], unit,
-    errors for lines that are not JSON objects)."""
-    text = path.read_text(encoding="utf-8")
-    doc, _ = _load_json(path)
-    if isinstance(doc, list):
-        return list(enumerate(doc, 1)), "record", []
-    if isinstance(doc, dict) and not text.strip().count("\n"):
-        return [(1, doc)], "line", []
-    if isinstance(doc, dict):
-        return [(1, doc)], "record", []
-    out, errors = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    errors for lines that are not UTF-8 or not JSON, or for a JSON array that does not
+    parse: then no record)."""
+    text, errors = _read_text(path)
+    if not text.strip():
+        return [], "line", errors or [IngestError(shown_path(path), None, "",
+                                                  "empty file: nothing to import")]
+    doc, problem = _parse_json(text)
+    if problem is None and isinstance(doc, (list, dict)) and errors:
+        return [], "line", _whole(errors)   # a document's bad bytes may sit inside any record
+    if problem is None and isinstance(doc, list):
+        if not doc:
+            errors.append(IngestError(shown_path(path), None, "", "an empty JSON array: "
+                                      "nothing to import"))
+        return list(enumerate(doc, 1)), "record", errors
+    if problem is None and isinstance(doc, dict):
+        return [(1, doc)], "line" if not text.strip().count("\n") else "record", errors
+    if problem is not None and _is_broken_document(text, problem):
+        return [], "line", _whole(errors or [_invalid(path, problem)])
+    out, undecodable = [], {e.line for e in errors}
+    for number, line in enumerate(_lines(text), 1):
+        if not line.strip() or number in undecodable:
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(IngestError(path, number, "", f"invalid JSON: {exc.msg} "
-                                      f"(column {exc.colno})"))
+        obj, problem = _parse_json(line)
+        if problem is not None:
+            errors.append(_invalid(path, problem, line=number))
             continue
         out.append((number, obj))
     return out, "line", errors
@@ -379,6 +573,19 @@ def _span(messages: list[Message]) -> tuple[Optional[datetime], Optional[datetim
     return (stamps[0], stamps[-1]) if stamps else (None, None)
 
 
+def _session(errors: list[IngestError], where: tuple, field: str = "",
+             **fields: Any) -> Optional[Session]:
+    """``Session(**fields)``, or None with an error at ``where`` (file, number, unit) when
+    a value the file gave (an id) is not valid; ``field`` names it in the file's terms."""
+    try:
+        return Session(**fields)
+    except ValidationError as exc:
+        file, number, unit = where
+        errors.extend(IngestError(file, number, field or _loc(e["loc"]), _message(e), unit)
+                      for e in exc.errors())
+        return None
+
+
 def _read_reverie(path, file, user_id, records, unit):
     sessions, errors = [], []
     for number, obj in records:
@@ -387,8 +594,15 @@ def _read_reverie(path, file, user_id, records, unit):
         except ValidationError as exc:
             errors.extend(_errors_from(exc, file, number, unit))
             continue
-        sessions.append(s.model_copy(update={"user_id": user_id,
-                                             "source": s.source or f"reverie:{path.name}"}))
+        long = [i for i, m in enumerate(s.messages) if len(m.content) > MAX_MESSAGE_CHARS]
+        if long:
+            errors.extend(IngestError(file, number, f"messages.{i}.content",
+                                      f"{len(s.messages[i].content):,} characters, more than "
+                                      f"the {MAX_MESSAGE_CHARS:,} a message may have", unit)
+                          for i in long)
+            continue
+        sessions.append(s.model_copy(update={
+            "user_id": user_id, "source": s.source or f"reverie:{shown_path(path.name)}"}))
     return sessions, errors
 
 
@@ -409,7 +623,7 @@ def _validated(records, parse, file, unit, errors):
 
 def _read_openai(path, file, user_id, records, unit):
     sessions, errors = [], []
-    for number, rec in _validated(records, _OpenAIRecord.parse, file, unit, errors):
+    for number, rec in _validated(records, _OpenAIRecord.model_validate, file, unit, errors):
         messages, bad = [], False
         for i, m in enumerate(rec.messages):
             if m.role in _SKIPPED_ROLES or (m.content is None and m.tool_calls):
@@ -428,22 +642,27 @@ def _read_openai(path, file, user_id, records, unit):
                                       "system turn with text", unit))
             continue
         first, last = _span(messages)
-        s = Session(session_id=str(rec.id) if rec.id is not None else "pending",
-                    user_id=user_id, started_at=rec.started_at or first,
-                    ended_at=rec.ended_at or last, source=f"openai:{path.name}",
-                    messages=messages)
-        sessions.append(s if rec.id is not None else _with_hash_id(s, "openai"))
+        s = _session(errors, (file, number, unit), "id" if rec.id is not None else "",
+                     session_id=str(rec.id) if rec.id is not None else "pending",
+                     user_id=user_id, started_at=rec.started_at or first,
+                     ended_at=rec.ended_at or last, source=f"openai:{shown_path(path.name)}",
+                     messages=messages)
+        if s is not None:
+            sessions.append(s if rec.id is not None else _with_hash_id(s, "openai"))
     return sessions, errors
 
 
 def _read_sharegpt(path, file, user_id, records, unit):
     sessions, errors = [], []
-    for _, rec in _validated(records, _ShareGPTRecord.model_validate, file, unit, errors):
+    for number, rec in _validated(records, _ShareGPTRecord.model_validate, file, unit, errors):
         messages = [Message(turn_id=f"t{i}", role=_SHAREGPT_ROLES[t.from_], content=t.value)
                     for i, t in enumerate(rec.conversations, 1)]
-        s = Session(session_id=str(rec.id) if rec.id is not None else "pending",
-                    user_id=user_id, source=f"sharegpt:{path.name}", messages=messages)
-        sessions.append(s if rec.id is not None else _with_hash_id(s, "sharegpt"))
+        s = _session(errors, (file, number, unit), "id" if rec.id is not None else "",
+                     session_id=str(rec.id) if rec.id is not None else "pending",
+                     user_id=user_id, source=f"sharegpt:{shown_path(path.name)}",
+                     messages=messages)
+        if s is not None:
+            sessions.append(s if rec.id is not None else _with_hash_id(s, "sharegpt"))
     return sessions, errors
 
 
@@ -462,7 +681,7 @@ def parse_locomo_datetime(text: str) -> datetime:
     name = m.group(5).lower() if m else ""
     month = _MONTHS.get(name) or (_MONTH_ABBR.get(name[:3]) if len(name) >= 3 else None)
     if not m or month is None:
-        raise ValueError(f"{text!r} is not a date like '4:04 pm on 20 January, 2023'")
+        raise ValueError(f"{shown(text)} is not a date like '4:04 pm on 20 January, 2023'")
     hour, minute = int(m.group(1)) % 12, int(m.group(2))
     if m.group(3).lower() == "p":
         hour += 12
@@ -472,10 +691,10 @@ def parse_locomo_datetime(text: str) -> datetime:
 def _read_locomo(path, file, user_id, doc, selected: Optional[set[int]]):
     sessions, errors = [], []
     samples = doc if isinstance(doc, list) else [doc]
+    stem = shown_path(path.stem)
     for k, sample in enumerate(samples):
         conv = sample["conversation"] if isinstance(sample.get("conversation"), dict) else sample
-        name = str(sample.get("sample_id") or (path.stem if len(samples) == 1 else
-                                                f"{path.stem}-{k + 1}"))
+        name = str(sample.get("sample_id") or (stem if len(samples) == 1 else f"{stem}-{k + 1}"))
         a, b = conv.get("speaker_a"), conv.get("speaker_b")
         numbers = sorted(int(key.split("_")[1]) for key in conv
                          if re.fullmatch(r"session_\d+", key))
@@ -514,9 +733,9 @@ def _read_locomo(path, file, user_id, doc, selected: Optional[set[int]]):
                 elif t.speaker == b:
                     role = "assistant"
                 else:
-                    errors.append(IngestError(file, n, f"{key}.{i}.speaker", f"{t.speaker!r} is "
-                                              f"neither speaker_a ({a!r}) nor speaker_b ({b!r})",
-                                              "record"))
+                    errors.append(IngestError(file, n, f"{key}.{i}.speaker", f"{shown(t.speaker)} "
+                                              f"is neither speaker_a ({shown(a)}) nor speaker_b "
+                                              f"({shown(b)})", "record"))
                     bad = True
                     continue
                 text = t.text
@@ -525,10 +744,27 @@ def _read_locomo(path, file, user_id, doc, selected: Optional[set[int]]):
                 messages.append(Message(turn_id=t.dia_id, role=role, content=text))
             if bad:
                 continue
-            sessions.append(Session(session_id=f"locomo-{name}-s{n}", user_id=user_id,
-                                    started_at=started, source=f"locomo:{path.name}",
-                                    messages=messages))
+            s = _session(errors, (file, n, "record"), "sample_id",
+                         session_id=f"locomo-{name}-s{n}", user_id=user_id, started_at=started,
+                         source=f"locomo:{shown_path(path.name)}", messages=messages)
+            if s is not None:
+                sessions.append(s)
     return sessions, errors
+
+
+def _read_locomo_file(path: Path, file: str, user_id: str, selected: Optional[set[int]]):
+    text, errors = _read_text(path)
+    if errors:      # a document's bad bytes may sit inside any session
+        return [], _whole(errors)
+    if not text.strip():
+        return [], [IngestError(file, None, "", "empty file: nothing to import")]
+    doc, problem = _parse_json(text)
+    if problem is not None:
+        return [], _whole([_invalid(path, problem)])
+    if not _is_locomo_document(doc):
+        return [], [IngestError(file, None, "", "not a LoCoMo conversation (speaker_a, "
+                                "speaker_b, session_N)")]
+    return _read_locomo(path, file, user_id, doc, selected)
 
 
 def read_sessions(path: str | Path, user_id: str, fmt: Optional[str] = None,
@@ -544,14 +780,16 @@ def read_sessions(path: str | Path, user_id: str, fmt: Optional[str] = None,
     Returns:
         (valid sessions in file order, errors). A bad record gives errors naming file,
         line/record and field; the records around it are still returned. A file that cannot
-        be read, or whose format is unknown, gives one error and no session.
+        be read, is empty, or whose format is unknown gives one error and no session, and
+        so does a JSON document (array, LoCoMo) with a syntax error (the error names the
+        line). Bad input never raises.
 
     Raises:
         ValueError: ``user_id`` is not safe or ``fmt`` is not a known format.
     """
     validate_user_id(user_id)
     path = Path(path)
-    file = str(path)
+    file = shown_path(path)
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     try:
@@ -560,18 +798,12 @@ def read_sessions(path: str | Path, user_id: str, fmt: Optional[str] = None,
             return [], [IngestError(file, None, "", f"session numbers select LoCoMo sessions; "
                                     f"this file is {fmt}")]
         if fmt == "locomo":
-            doc, problem = _load_json(path)
-            if doc is None or not (_is_locomo(doc) or (isinstance(doc, list) and doc
-                                                        and all(_is_locomo(x) for x in doc))):
-                return [], [IngestError(file, None, "", problem and f"invalid JSON: {problem}"
-                                        or "not a LoCoMo conversation (speaker_a, speaker_b, "
-                                        "session_N)")]
-            return _read_locomo(path, file, user_id, doc, set(sessions) if sessions else None)
+            return _read_locomo_file(path, file, user_id, set(sessions) if sessions else None)
         records, unit, errors = _records(path)
     except IngestError as exc:
         return [], [exc]
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], [IngestError(file, None, "", f"cannot read: {exc}")]
+    except OSError as exc:
+        return [], [IngestError(file, None, "", f"cannot read: {exc.strerror or exc}")]
     reader = {"reverie": _read_reverie, "openai": _read_openai, "sharegpt": _read_sharegpt}[fmt]
     found, more = reader(path, file, user_id, records, unit)
     errors = sorted(errors + more, key=lambda e: e.line or 0)
@@ -588,6 +820,10 @@ def ingest(paths: list[str | Path], daylog: DayLog, user_id: str, fmt: Optional[
     hash is removed from ``consumed.jsonl`` (``requeued``) so the next night processes it
     again, and it is written if it is not in the log.
 
+    Whatever a file holds, its problems come back as :class:`IngestError` s in the report
+    (one that should never happen, a bug, as ``unexpected <exception>``), so the other files
+    are still imported.
+
     Raises:
         ValueError: ``user_id`` is not safe as a folder name or ``fmt`` is unknown.
     """
@@ -597,14 +833,19 @@ def ingest(paths: list[str | Path], daylog: DayLog, user_id: str, fmt: Optional[
     report = IngestReport()
     for path in paths:
         path = Path(path)
-        fr = FileReport(file=str(path))
+        fr = FileReport(file=shown_path(path))
         report.files.append(fr)
         try:
             fr.format = fmt or detect_format(path)
+            found, errors = read_sessions(path, user_id, fr.format, sessions)
         except IngestError as exc:
             fr.errors.append(exc)
             continue
-        found, errors = read_sessions(path, user_id, fr.format, sessions)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the other files
+            fr.errors.append(IngestError(fr.file, None, "", f"unexpected {type(exc).__name__}: "
+                                         f"{shown(str(exc))} (a bug in Reverie: please "
+                                         "report it)"))
+            continue
         fr.errors.extend(errors)
         fr.read = len(found)
         consumed = daylog.consumed()
@@ -620,7 +861,7 @@ def ingest(paths: list[str | Path], daylog: DayLog, user_id: str, fmt: Optional[
                 fr.requeued = daylog.unmark_consumed(
                     {s.content_hash for s in found if s.content_hash in consumed})
         except OSError as exc:
-            fr.errors.append(IngestError(path, None, "", f"cannot write the day log: {exc}"))
+            fr.errors.append(IngestError(fr.file, None, "", f"cannot write the day log: {exc}"))
             continue
         fr.imported = len(written)
         fr.skipped_duplicates = len(fresh) - len(written)

@@ -36,11 +36,15 @@ def forget_memory(store: MemoryStore, index: MemoryIndex, memory_id: str, reason
     Returns:
         the ids deleted, oldest version first; empty when ``memory_id`` is not stored
         (unknown, or deleted already).
+
+    Raises:
+        reverie.locks.LockTimeout: a night's consolidation held the store for minutes.
     """
-    ids = [m.id for m in store.versions(memory_id)]
-    deleted = [i for i in ids if store.delete(i, reason=reason, request=request)]
-    for i in ids:
-        index.remove(i)
+    with store.exclusive():  # a night's consolidation must not interleave (see there)
+        ids = [m.id for m in store.versions(memory_id)]
+        deleted = [i for i in ids if store.delete(i, reason=reason, request=request)]
+        for i in ids:
+            index.remove(i)
     return deleted
 
 
@@ -83,6 +87,12 @@ def edit_memory(store: MemoryStore, index: MemoryIndex, memory_id: str, *,
             message); nothing would change; a fact would be left without question or
             answer, or a preference or rule without text.
     """
+    with store.exclusive():  # a night's consolidation must not interleave (see there)
+        return _edit(store, index, memory_id, question, answer, text)
+
+
+def _edit(store: MemoryStore, index: MemoryIndex, memory_id: str, question: Optional[str],
+          answer: Optional[str], text: Optional[str]) -> Memory:
     old = store.get(memory_id)
     if old is None:
         raise KeyError(memory_id)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 import uuid
 from datetime import datetime, timezone
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 def now() -> datetime:
@@ -19,15 +21,36 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str) -> str:
+    """``value`` if it is valid Unicode, else ``ValueError`` naming the first lone surrogate
+    and its position (``lone surrogate \\ud800 at character 5 (not valid Unicode)``).
+
+    Python strings can hold lone surrogates (a JSON ``"\\ud800"`` escape, a file name or
+    argument that is not UTF-8); UTF-8 cannot, so such text would fail later, when a day
+    file, the diary or the memory store writes it."""
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise ValueError(f"lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()} "
+                         "(not valid Unicode)")
+    return value
+
+
+# Text that crosses a boundary: a str that UTF-8 can write (see check_text).
+Text = Annotated[str, AfterValidator(check_text)]
+
+
 class Message(BaseModel):
     """One turn of a conversation. ``turn_id`` is unique within its session (``t1``,
     ``t2``, ... or the source's own id, e.g. LoCoMo's ``D1:3``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    turn_id: str
+    turn_id: Text
     role: Literal["user", "assistant", "system"]
-    content: str
+    content: Text
     timestamp: Optional[datetime] = None
 
 
@@ -39,11 +62,11 @@ class Session(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    session_id: str
+    session_id: Text
     user_id: str
     started_at: Optional[datetime] = None
     ended_at: Optional[datetime] = None
-    source: str = ""
+    source: Text = ""
     messages: list[Message] = Field(min_length=1)
 
     @property
@@ -56,14 +79,53 @@ class Session(BaseModel):
         return next((m for m in self.messages if m.turn_id == turn_id), None)
 
     def transcript(self, turn_ids: Optional[list[str]] = None) -> str:
-        """``[turn_id] role: content`` lines, for prompts (all turns, or the ones given)."""
+        """The turns fenced for a prompt (:func:`transcript_of`): all, or the ones given."""
         keep = set(turn_ids) if turn_ids else None
         return transcript_of([m for m in self.messages if keep is None or m.turn_id in keep])
 
 
+TRANSCRIPT_OPEN, TRANSCRIPT_CLOSE = "<transcript>", "</transcript>"
+TURN_CLOSE = "</turn>"
+
+# What day text could use to break out of a prompt's fence or to become a control token
+# once the prompt is tokenized: a "<" opening a tag ("</transcript>", "<turn ...>",
+# SmolLM2's "<filename>") or a control token ("<|im_start|>", DeepSeek's fullwidth bars),
+# and a bracketed control token ("[INST]", "[/INST]", Mistral's "[TOOL_CALLS]").
+_OPENS_TAG = re.compile(r"<(?=[/|!?A-Za-z_\uff5c])")
+_BRACKET_TOKEN = re.compile(r"\[(?=/?[A-Z][A-Z_]*\])")
+
+
+def neutralise(text: str) -> str:
+    """Day text (or text derived from it) made inert for an agent prompt: each ``<`` that
+    opens a tag or a control token becomes ``&lt;`` and each ``[`` of an ``[INST]``-style
+    token ``&#91;``, so the text can neither close :func:`transcript_of`'s fence nor forge
+    a turn, and a tokenizer cannot read ``<|im_start|>`` in it as its special token (HF
+    tokenizers match added tokens anywhere in the text they encode). Everything else is
+    kept as written; ``"x < 3"`` and ``"<3"`` are left alone."""
+    return _BRACKET_TOKEN.sub("&#91;", _OPENS_TAG.sub("&lt;", text))
+
+
+def _attribute(value: str) -> str:
+    return html.escape(" ".join(value.split()), quote=True)
+
+
 def transcript_of(messages: list[Message]) -> str:
-    """``[turn_id] role: content`` lines, for prompts."""
-    return "\n".join(f"[{m.turn_id}] {m.role}: {m.content}" for m in messages)
+    """The turns for an agent prompt, fenced so that nothing the day says can leave the
+    fence::
+
+        <transcript>
+        <turn id="t1" role="user">
+        I adopted a beagle.
+        </turn>
+        ...
+        </transcript>
+
+    Reverie writes every tag and each turn's id and role; the contents go through
+    :func:`neutralise`, so the day's text holds no tag of its own. The prompt files say
+    what the tags mean."""
+    turns = [f'<turn id="{_attribute(m.turn_id)}" role="{m.role}">\n{neutralise(m.content)}\n'
+             f"{TURN_CLOSE}" for m in messages]
+    return "\n".join([TRANSCRIPT_OPEN, *turns, TRANSCRIPT_CLOSE])
 
 
 def statement_of(record) -> str:
@@ -95,10 +157,10 @@ class MemoryContent(BaseModel):
     or rule as the ``text`` statement."""
 
     kind: MemoryKind
-    question: str = ""
-    answer: str = ""
-    phrasings: list[str] = Field(default_factory=list)
-    text: str = ""
+    question: Text = ""
+    answer: Text = ""
+    phrasings: list[Text] = Field(default_factory=list)
+    text: Text = ""
 
     def statement(self) -> str:
         """One line for prompts, embeddings and the diary."""

@@ -44,7 +44,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, get_args
 
+from reverie.locks import hold
 from reverie.memory.records import Memory, MemoryKind, MemoryStatus, ParkedThought, now
+
+# How long a change of the store and the index waits for another process's (a night's
+# consolidation takes seconds; `reverie memories forget` less).
+CHANGE_TIMEOUT = 300.0
 
 STATUSES: tuple[str, ...] = get_args(MemoryStatus)
 KINDS: tuple[str, ...] = get_args(MemoryKind)
@@ -111,6 +116,7 @@ class MemoryStore:
         if isinstance(self.path, Path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._changing = threading.RLock()  # exclusive() of a ":memory:" store
         # isolation_level=None: no implicit transactions; _tx() issues BEGIN/COMMIT itself.
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False,
                                      isolation_level=None, timeout=30.0)
@@ -136,6 +142,24 @@ class MemoryStore:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    def exclusive(self, timeout: float = CHANGE_TIMEOUT):
+        """A context manager to hold while changing the store and the memory index together
+        (:class:`reverie.memory.facts.MemoryIndex`, which mirrors it), so that another
+        process's or thread's change of both (a night's consolidation, ``reverie memories
+        forget``/``edit``/``reindex``) does not interleave with this one and leave the two
+        apart, or find a memory gone between its read and its write.
+
+        An OS file lock beside the database (``<file>.lock``), re-entrant in one thread; a
+        thread lock for a ``":memory:"`` store. Readers (retrieval) take no lock.
+
+        Raises:
+            reverie.locks.LockTimeout: another holder kept it for over ``timeout`` seconds.
+        """
+        if not isinstance(self.path, Path):
+            return self._changing
+        return hold(self.path.with_name(self.path.name + ".lock"), timeout,
+                    f"the memory store {self.path}")
 
     def _read(self, conn: sqlite3.Connection, memory_id: str) -> Optional[Memory]:
         row = conn.execute("SELECT record FROM memories WHERE id = ?", (memory_id,)).fetchone()

@@ -226,7 +226,9 @@ class TrainingSet:
         items = {"heldout": ts.new_items, "dev": ts.dev_items, "regression": ts.regression_items,
                  "forgotten": ts.forgotten_items}
         ids = {"heldout": ts.new_ids, "forgotten": ts.forgotten_ids}
-        for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        # newlines only: splitlines would also split at U+2028, U+2029 and NEL, which
+        # atomic_write_jsonl writes raw inside strings
+        for number, text in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
             if not text.strip():
                 continue
             try:

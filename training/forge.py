@@ -5,7 +5,9 @@
 
 A crash anywhere leaves the active version untouched: the new version is written into a
 staging folder and becomes a version (one rename) and then active (one atomic file
-replace) only after the gate passes.
+replace) only after the gate passes. The version records the night's outcome, so a night
+killed after that rename and run again (``reverie night --resume``) activates the version
+it already trained instead of training on top of it (:func:`learn`).
 """
 
 from __future__ import annotations
@@ -201,6 +203,11 @@ def learn(settings: Settings, night_id: str, training_set: Path,
     Memories deleted since the hand-off was written (``reverie memories forget`` while
     the night ran) are taken out of it first (:meth:`~reverie.training.dataset.TrainingSet.without`).
 
+    Run again for a night that was killed (a resumed night), it repeats only what was not
+    done: a version ``night-<night_id>`` already committed is activated (if it is not yet)
+    and its recorded outcome returned, with no training; before the commit everything is
+    done again from the same training set (completed in place, so the same rows).
+
     Returns:
         The outcome; ``learned`` lists tonight's memory ids answered right on their
         held-out questions after promotion, ``unlearned`` the forgotten facts' ids no
@@ -209,6 +216,9 @@ def learn(settings: Settings, night_id: str, training_set: Path,
     t0 = time.perf_counter()
     cfg = settings.forge
     versions = Versions(settings.paths.versions)
+    name = f"night-{night_id}"
+    if name in versions.names():  # committed by a run of this night that was then killed
+        return _promote(settings, versions, night_id, _committed_outcome(versions, name))
     parent = ensure_base(settings, versions)
     with MemoryStore(settings.paths.memories_db) as store:
         deleted = {d["id"] for d in store.deletions()}
@@ -216,7 +226,6 @@ def learn(settings: Settings, night_id: str, training_set: Path,
     if not curated.counts.get("facts") and not curated.counts.get("unlearn"):
         return ForgeOutcome(False, None, parent, reasons=["no new memories tonight: nothing to learn"])
     model, tokenizer = versions.load(parent)
-    name = f"night-{night_id}"
     adapter_dir = settings.paths.adapters / night_id
     trial = train_and_gate(model, tokenizer, curated, cfg, chat_frame(settings), adapter_dir,
                            progress=progress, path=training_set)
@@ -230,16 +239,6 @@ def learn(settings: Settings, night_id: str, training_set: Path,
     outcome.train["adapter_dir"] = str(result.adapter_dir)
     outcome.train["losses"] = result.losses
     if promote:
-        staging = versions.stage(name)
-        try:
-            save_model_dir(model, tokenizer, staging)
-            versions.commit(staging, name, parent, {"night_id": night_id, "adapter": str(adapter_dir),
-                                                    "metrics": {"pre": pre.figures(), "post": post.figures()}})
-        except BaseException:
-            versions.discard(staging)
-            raise
-        versions.activate(name)
-        versions.prune(cfg.keep_versions)
         outcome.promoted, outcome.version = True, name
         right = {d["question"] for d in post.details["new"] if d["correct"]}
         outcome.learned = [memory_id for (question, _), memory_id in zip(ts.new_items, ts.new_ids)
@@ -247,7 +246,41 @@ def learn(settings: Settings, night_id: str, training_set: Path,
         still = {d["question"] for d in post.details.get("forgotten", []) if d["correct"]}
         outcome.unlearned = [memory_id for (question, _), memory_id
                              in zip(ts.forgotten_items, ts.forgotten_ids) if question not in still]
+        outcome.seconds = round(time.perf_counter() - t0, 1)
+        staging = versions.stage(name)
+        try:
+            save_model_dir(model, tokenizer, staging)
+            versions.commit(staging, name, parent, {"night_id": night_id, "adapter": str(adapter_dir),
+                                                    "metrics": {"pre": pre.figures(), "post": post.figures()},
+                                                    "outcome": asdict(outcome)})
+        except BaseException:
+            versions.discard(staging)
+            raise
+        return _promote(settings, versions, night_id, outcome)
     outcome.seconds = round(time.perf_counter() - t0, 1)
+    log_experiment(settings, night_id, outcome)
+    return outcome
+
+
+def _committed_outcome(versions: Versions, name: str) -> ForgeOutcome:
+    """The outcome a committed night version recorded (:func:`learn` writes it into
+    ``version.json``); for a version without one, the gate figures it has."""
+    info = versions.info(name)
+    if isinstance(info.get("outcome"), dict):
+        return ForgeOutcome(**info["outcome"])
+    metrics = info.get("metrics") or {}
+    return ForgeOutcome(True, name, info.get("parent"), pre=metrics.get("pre", {}),
+                        post=metrics.get("post", {}),
+                        reasons=["committed before the night was interrupted; no outcome recorded"])
+
+
+def _promote(settings: Settings, versions: Versions, night_id: str,
+             outcome: ForgeOutcome) -> ForgeOutcome:
+    """Activate the committed ``outcome.version``, prune, log the experiment: each safe to
+    do again when a killed night runs this a second time."""
+    if versions.active() != outcome.version:
+        versions.activate(outcome.version)
+    versions.prune(settings.forge.keep_versions)
     log_experiment(settings, night_id, outcome)
     return outcome
 
@@ -277,7 +310,16 @@ def learn_in_thread(*args, **kwargs) -> ForgeOutcome:
 
 
 def log_experiment(settings: Settings, night_id: str, outcome: ForgeOutcome) -> None:
-    """One JSON line per night in ``experiments.jsonl``: settings, pre, post, deltas."""
+    """One JSON line per night in ``experiments.jsonl``: settings, pre, post, deltas (none
+    added when the night has a line already: a resumed night)."""
+    path = settings.paths.experiments
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    for raw in text.splitlines():
+        try:
+            if json.loads(raw).get("night_id") == night_id:
+                return
+        except ValueError:  # a line cut off by a kill
+            continue
     deltas = {k: (outcome.post[k] - outcome.pre[k]) for k in outcome.post
               if isinstance(outcome.post.get(k), (int, float)) and isinstance(outcome.pre.get(k), (int, float))}
     line = {"night_id": night_id, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -285,7 +327,7 @@ def log_experiment(settings: Settings, night_id: str, outcome: ForgeOutcome) -> 
             "version": outcome.version, "parent": outcome.parent, "reasons": outcome.reasons,
             "counts": outcome.counts, "pre": outcome.pre, "post": outcome.post, "deltas": deltas,
             "train": {k: v for k, v in outcome.train.items() if k != "losses"}}
-    path = settings.paths.experiments
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line, default=str) + "\n")
+    with open(path, "a", encoding="utf-8") as f:  # a cut-off last line stays a line of its own
+        f.write(("\n" if text and not text.endswith("\n") else "")
+                + json.dumps(line, default=str) + "\n")

@@ -31,6 +31,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
 
+from reverie.locks import NightLocked
 from reverie.memory.daylog import DayLog
 from reverie.memory.records import Message, Session, new_id, now
 from reverie.prompts import CHAT_VARIABLES, ChatFrame, memories_section  # noqa: F401  (re-exported)
@@ -326,7 +327,12 @@ class ChatSession:
         if self.sleep_fn is None:
             reply.text = reply.text or "sleep is not available here"
             return reply
-        model, report = self.sleep_fn()
+        try:
+            model, report = self.sleep_fn()
+        except NightLocked as exc:  # a cron night is on it: go on, the turns are logged
+            if reply.kind == "info":
+                reply.text = f"not sleeping now: {exc}"
+            return reply
         if model is not None:
             self.model = model
         self.nights += 1

@@ -42,12 +42,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reverie.config import Settings
 from reverie.memory.daylog import DayLog, validate_user_id
-from reverie.memory.records import Session, new_id
+from reverie.memory.records import Session, check_text, new_id
 from reverie.prompts import chat_frame
 from reverie.wake.app import Day
 from reverie.wake.chat import approx_tokens, log_turn, turn_messages
@@ -84,6 +84,16 @@ class ChatMessage(BaseModel):
 
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v: Any) -> Any:
+        """Text the day log can write: a lone surrogate (the JSON escape ``"\\ud800"``) is
+        the client's error (400), not a failure when the exchange is logged (500)."""
+        for text in [v] if isinstance(v, str) else [p.get("text") for p in v or []]:
+            if isinstance(text, str):
+                check_text(text)
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):

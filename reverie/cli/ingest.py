@@ -49,9 +49,11 @@ def ingest_command(files: list[Path], user: str, format: Optional[str], sessions
         force: re-import sessions a night already consumed (they become unconsumed).
 
     Returns:
-        0 if everything imported cleanly; 1 if any record had an error (the valid ones are
-        still imported); 2 for a usage error (bad user id, format or session selection, no
-        input), before anything is written.
+        0 if every record was imported (or was in the log already); 1 if some records were
+        rejected and the valid ones imported; 2 if nothing was importable (every file
+        unreadable, empty, of no known format, or every record bad) or for a usage error
+        (bad user id, format or session selection, no input: before anything is written).
+        Never raises for bad input: each problem is printed as ``file:line: field: what``.
     """
     console = console or Console()
     err = err or Console(stderr=True)
@@ -77,7 +79,7 @@ def ingest_command(files: list[Path], user: str, format: Optional[str], sessions
     if files:
         reports += ingest(list(files), daylog, user, fmt=fmt, sessions=selected,
                           force=force).files
-    n_errors = 0
+    n_errors = n_read = 0
     for fr in reports:
         name = "sample day" if sample and fr is reports[0] else fr.file
         mark = "[green]✓[/green]" if not fr.errors else "[yellow]![/yellow]"
@@ -95,6 +97,7 @@ def ingest_command(files: list[Path], user: str, format: Optional[str], sessions
         for e in fr.errors:
             error(str(e), label="", to=err)
         n_errors += len(fr.errors)
+        n_read += fr.read
     imported = sum(fr.imported for fr in reports)
     consumed = sum(fr.skipped_consumed for fr in reports)
     console.print(f"{imported} session{'s' if imported != 1 else ''} imported into "
@@ -102,4 +105,6 @@ def ingest_command(files: list[Path], user: str, format: Optional[str], sessions
     if consumed:
         console.print(f"{consumed} session{'s' if consumed != 1 else ''} already consumed by a "
                       "night were skipped (--force to process them again)", soft_wrap=True)
-    return 1 if n_errors else 0
+    if not n_errors:
+        return 0
+    return 1 if n_read else 2

@@ -55,15 +55,17 @@ def _model_errors() -> tuple[type[Exception], ...]:
 
 @contextlib.contextmanager
 def _closing(resource, *errors: type[Exception]):
-    """Run a command's body: a model that cannot be loaded or fetched (:func:`_model_errors`)
-    or one of ``errors`` becomes a clear message and exit code 1 instead of a traceback;
+    """Run a command's body: a model that cannot be loaded or fetched (:func:`_model_errors`),
+    a night refused because another runs, or one of ``errors`` becomes a clear message and
+    exit code 1 instead of a traceback;
     ``resource`` (a runtime, a day) is closed either way."""
     try:
         yield resource
     except Exception as exc:
+        from reverie.locks import NightLocked  # another night runs on this data dir
         from reverie.memory.facts import ChromaUnavailable  # memory.chroma_url's server
 
-        if isinstance(exc, (*_model_errors(), ChromaUnavailable, *errors)):
+        if isinstance(exc, (*_model_errors(), ChromaUnavailable, NightLocked, *errors)):
             fail(str(exc))
         raise
     finally:
@@ -163,8 +165,12 @@ def _human(n: int) -> str:
 
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="print the models and "
-                                             "versions as JSON (for scripts)")):
-    """What each configured model is, whether it is cached, its size, and which roles use it."""
+                                             "versions as JSON (for scripts)"),
+                verify: bool = typer.Option(False, "--verify", help="re-read every version's "
+                                            "files and check them against the sha256 "
+                                            "recorded when it was committed")):
+    """What each configured model is, whether it is cached, its size, and which roles use it;
+    the forge's model versions with their weights' sha256 (``--verify`` checks them)."""
     from reverie.runtime.sources import embedded_in, is_embedded
     from reverie.training.versions import Versions
 
@@ -197,9 +203,16 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="print the mo
     versions = Versions(settings.paths.versions)
     listed = versions.list()
     active = versions.active() if listed else None
+    changed = False  # --verify found a version whose files are not the committed ones
+    if verify:
+        for v in listed:
+            v["problems"] = versions.verify(v["name"])
+            changed |= any("no checksums" not in p for p in v["problems"])
     if as_json:
         print_json({"cache": cache, "models": models, "versions": listed, "active": active,
                     "lineage": versions.lineage(active) if active else []})
+        if changed:
+            raise typer.Exit(1)
         return
     table = Table(title=f"models (cache: {cache})")
     for col in ("name", "kind", "source", "cached", "size", "roles"):
@@ -216,17 +229,31 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="print the mo
                       highlight=False, soft_wrap=True)
     if listed:
         lineage = Table(title=f"versions of model '{settings.forge.model}' ({versions.root})")
-        for col in ("version", "parent", "created", "night", "gate (post)", "active"):
+        for col in ("version", "parent", "created", "night", "gate (post)", "weights sha256",
+                    "active"):
             lineage.add_column(col)
         for v in listed:
             post = (v.get("metrics") or {}).get("post", {})
             gate_txt = (f"probe {post.get('capability')}/{post.get('capability_total')}, "
                         f"new recall {post.get('new_recall')}") if post else "-"
+            weights = sorted(f for f in (v.get("files") or {}) if f.endswith(".safetensors"))
+            check = v["files"][weights[0]][:12] if weights else "-"
+            if verify and v["problems"]:
+                check += " [red]CHANGED[/red]" if weights else ""
+            elif verify:
+                check += " ok"
             lineage.add_row(v["name"], v.get("parent") or "-", str(v.get("created_at", ""))[:19],
-                            v.get("night_id") or "-", gate_txt, "*" if v["name"] == active else "")
+                            v.get("night_id") or "-", gate_txt, check,
+                            "*" if v["name"] == active else "")
         show_table(lineage, console)
+        for v in listed if verify else []:
+            for problem in v["problems"]:
+                console.print(f"[red]{problem}[/red]" if "no checksums" not in problem
+                              else problem, highlight=False, soft_wrap=True)
         if active:
             console.print("lineage: " + " → ".join(versions.lineage(active)), soft_wrap=True)
+        if changed:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -270,7 +297,9 @@ def ingest(files: list[Path] = typer.Argument(None, help="chat histories: OpenAI
            sessions: Optional[str] = typer.Option(None, help="LoCoMo sessions, e.g. 1 or 1-3"),
            force: bool = typer.Option(False, help="re-import sessions an earlier night consumed"),
            sample: bool = typer.Option(False, help="import the sample day shipped with Reverie")):
-    """Import conversations into the day log (bad records are reported, the rest imported)."""
+    """Import conversations into the day log (bad records are reported, the rest imported).
+
+    Exit code: 0 all imported; 1 some rejected, the rest imported; 2 nothing importable."""
     from reverie.cli.ingest import ingest_command
 
     settings = state.settings()
@@ -331,8 +360,10 @@ def _sleeper(settings: Settings, runtime):
     import asyncio
 
     from reverie.graphs.run import run_night
+    from reverie.locks import check_no_night
 
     def sleep(user_id: str) -> dict:
+        check_no_night(settings.data_dir)  # before the night's display starts
         return _with_night_display(lambda on_update, on_train: asyncio.run(run_night(
             settings, runtime=runtime, user_id=user_id, on_update=on_update, on_train=on_train)),
             settings=settings)
@@ -359,6 +390,7 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
     from datetime import datetime
 
     from reverie.graphs.run import NightError, run_night
+    from reverie.locks import NightLocked, check_no_night
     from reverie.memory.daylog import DayLog
     from reverie.wake.app import night_report
     from reverie.wake.triggers import next_time, wait_until
@@ -385,6 +417,10 @@ def night(resume: bool = typer.Option(False, "--resume", help="continue the late
             wait_until(when, on_wait=lambda left: status.update(
                 f"night starts in {int(left) // 3600:d}h {int(left) % 3600 // 60:02d}m "
                 f"{int(left) % 60:02d}s"))
+    try:  # another night on this data dir: say so before loading models
+        check_no_night(settings.data_dir)
+    except NightLocked as exc:
+        fail(str(exc))
     runtime = _runtime(settings)
     # with --json, a stray print (ours or a library's) must not land in the JSON
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
@@ -564,10 +600,15 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
     """Chat with the active model version; every turn is logged for the night.
 
     Commands: /sleep, /status, /compact, /forget TEXT, /quit."""
+    from reverie.memory.records import check_text
     from reverie.wake.app import Day
     from reverie.wake.chat import COMMANDS
 
     settings = state.settings()
+    try:
+        check_text(message or "")   # an argument that is not UTF-8
+    except ValueError as exc:
+        fail(f"--message: {exc}", 2)
     user_id = _user(settings, user)
     runtime = _runtime(settings)
     day = Day(settings, user_id, runtime, sleep=_sleeper(settings, runtime))
@@ -592,6 +633,11 @@ def chat(user: Optional[str] = typer.Option(None, "--user", "-u", help="who is t
                 console.print()
                 break
             if not line.strip():
+                continue
+            try:
+                check_text(line)      # input that is not UTF-8 (a pipe, a C locale)
+            except ValueError as exc:
+                err.print(f"not sent: {exc}", markup=False, highlight=False)
                 continue
             streamed = []
 

@@ -1,5 +1,5 @@
 """``reverie memories``: a user's memories as things they manage (list, show, forget, edit,
-export).
+export), and the index's upkeep (check, reindex).
 
 Every memory is in one of three states: ``active`` (the current version: retrieved by the
 chat, trained and replayed at night), ``superseded`` (an outdated version, kept in the
@@ -86,6 +86,7 @@ def _index_errors():
     exit 1. The store was written first and retrieval reads each hit back from it, so a
     forgotten memory is out of retrieval anyway; ``reverie memories reindex`` brings the
     index back in line (an edit is retrieved once it has)."""
+    from reverie.locks import LockTimeout
     from reverie.memory.facts import ChromaUnavailable
 
     try:
@@ -93,6 +94,8 @@ def _index_errors():
     except ChromaUnavailable as exc:
         fail(f"{exc}. The memory store is changed but the index may not be: run `reverie "
              "memories reindex` once the server answers")
+    except LockTimeout as exc:  # a night's consolidation held the store (it takes seconds)
+        fail(f"{exc}; nothing was changed: try again")
 
 
 # ------------------------------------------------------------------------------ records
@@ -430,3 +433,41 @@ def reindex(ctx: typer.Context,
         done = _index(settings).sync(store, user_id)
     console.print(f"indexed {done['indexed']} memories, removed {done['removed']} stale "
                   "entries", highlight=False, soft_wrap=True)
+
+
+@memories_app.command("check")
+def check(ctx: typer.Context,
+          user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's "
+                                             "memories (default: everyone's)"),
+          as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON "
+                                       "and nothing else")):
+    """Compare the memory index with the memory store, changing neither: ids stored but not
+    indexed, indexed but not stored (deleted), indexed with another text or superseded
+    mark. Exit 1 when they differ (`reverie memories reindex` brings them back in line)."""
+    from reverie.locks import LockTimeout
+    from reverie.memory.facts import ChromaUnavailable
+
+    settings = _settings(ctx)
+    user_id = _user(settings, user) if user else None
+    with _store(settings) as store:
+        try:
+            found = _index(settings).check(store, user_id)
+        except (ChromaUnavailable, LockTimeout) as exc:
+            fail(str(exc))
+        stored = len(store.list(user_id=user_id, include_superseded=True))
+    agree = not any(found.values())
+    whose = f"memor{'y' if stored == 1 else 'ies'} of {user_id or 'every user'}"
+    if as_json:
+        print_json({"agree": agree, "memories": stored, **found})
+    elif agree:
+        console.print(f"the memory index agrees with the store: {stored} {whose}",
+                      highlight=False, soft_wrap=True)
+    else:
+        why = {"missing": "stored, not indexed", "stale": "indexed, not stored (deleted)",
+               "differ": "indexed with another text, user or superseded mark"}
+        _show(f"the memory index differs from the store ({stored} {whose})",
+              ("id", "problem"), [[i, why[k]] for k, ids in found.items() for i in ids])
+        console.print("run `reverie memories reindex` to bring the index back in line",
+                      highlight=False, soft_wrap=True)
+    if not agree:
+        raise typer.Exit(1)
