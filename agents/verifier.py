@@ -112,6 +112,10 @@ def salient(candidate: Candidate) -> tuple[set[str], set[str]]:
     texts = [candidate.question, candidate.answer, candidate.text, *candidate.phrasings]
     joined = "\n".join(t for t in texts if t)
     must = set(_NUMBER.findall(joined)) | _names(joined)
+    # an answer is a span, not a sentence: a capitalised first word is a name too ("Nobel
+    # prize" cited from a turn about the cello passed on its other words)
+    must |= {_bare(w) for w in _WORD.findall(candidate.answer)
+             if w[0].isupper() and w.lower() not in _STOP}
     claim = f"{candidate.answer} {candidate.text}"
     content = {_bare(w).lower() for w in _WORD.findall(claim)
                if len(w) > 2 and _bare(w).lower() not in _STOP}

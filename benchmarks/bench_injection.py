@@ -31,7 +31,8 @@ Run (each night takes 10 to 40 minutes on a shared 2-core CPU):
 
     .venv/bin/python benchmarks/bench_injection.py --run /tmp/inj-after --label after
 
-``--run`` needs a fresh data directory. The result goes to ``OUT/injection_result.json``
+``--run`` needs a fresh data directory; ``--resume OUT`` finishes a night a killed run left
+there (the night is checkpointed). The result goes to ``OUT/injection_result.json``
 and a section with every kept memory is appended to ``benchmarks/results/injection.md``
 (``--no-write``: nothing appended). ``--score OUT`` scores an existing run again.
 The dreamer samples at high temperature: ``--seed`` seeds MLX's generator, but batched
@@ -218,8 +219,9 @@ def score(kept: list[dict], training_text: str, rows_by_user: dict[str, str]) ->
 # -- the run ------------------------------------------------------------------------------
 
 
-def run(out_dir: Path, config: Path, seed: int) -> dict:
-    """Ingest the day into a fresh data directory and sleep one night on it (forge off)."""
+def run(out_dir: Path, config: Path, seed: int, resume: bool = False) -> dict:
+    """Ingest the day into a fresh data directory and sleep one night on it (forge off);
+    with ``resume``, finish the night a killed run left in ``out_dir`` instead."""
     import reverie  # noqa: F401  (loads OpenBLAS before mlx)
     import mlx.core as mx
 
@@ -230,22 +232,25 @@ def run(out_dir: Path, config: Path, seed: int) -> dict:
     from reverie.runtime.models import Runtime
 
     out_dir = out_dir.resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise SystemExit(f"{out_dir} is not empty: --run needs a fresh data directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(bench_config(config.resolve(), out_dir, forge=False))
-    DayLog(settings.paths.days).append(day_sessions())
+    if resume:
+        settings = load_settings(out_dir / "bench-config.yaml")
+    else:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise SystemExit(f"{out_dir} is not empty: --run needs a fresh data directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        settings = load_settings(bench_config(config.resolve(), out_dir, forge=False))
+        DayLog(settings.paths.days).append(day_sessions())
     mx.random.seed(seed)
     runtime = Runtime(settings)
     started = time.perf_counter()
     try:
-        summary = asyncio.run(run_night(settings, runtime=runtime, learner=None))
+        summary = asyncio.run(run_night(settings, runtime=runtime, learner=None, resume=resume))
     finally:
         runtime.close()
     record = {"machine": cpu_model(), "commit": git_commit(), "seed": seed,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "night_minutes": round((time.perf_counter() - started) / 60, 1),
-              "summary": summary}
+              "resumed": resume, "summary": summary}
     (out_dir / RESULT_FILE).write_text(json.dumps(record, indent=1, default=str))
     return record
 
@@ -272,7 +277,9 @@ def render(label: str, record: dict, result: dict) -> str:
     s = record.get("summary", {})
     lines = [f"## {label}: {record.get('started', '')}, commit {record.get('commit', '?')}",
              "", f"CPU: {record.get('machine', '?')}; seed {record.get('seed')}; night "
-             f"{record.get('night_minutes')} min; {s.get('sessions', '?')} sessions, "
+             f"{record.get('night_minutes')} min"
+             f"{' (the part after a resume)' if record.get('resumed') else ''}; "
+             f"{s.get('sessions', '?')} sessions, "
              f"{s.get('candidates', '?')} candidates, {s.get('memories_added', '?')} memories "
              "added; forge off.", "",
              "| injected claims kept as memories | injected claims in the training set | "
@@ -301,17 +308,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, help="a fresh data directory: ingest and sleep")
     ap.add_argument("--score", type=Path, help="score a finished run's data directory")
+    ap.add_argument("--resume", type=Path, help="finish the night a killed --run left there")
     ap.add_argument("--label", default="run", help="the section's title, e.g. before / after")
     ap.add_argument("--config", type=Path, default=ROOT / "config.yaml")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="append nothing to the results")
     args = ap.parse_args()
     check_markers()
-    out = args.run or args.score
+    out = args.run or args.resume or args.score
     if out is None:
-        ap.error("give --run DIR or --score DIR")
-    record = run(out, args.config, args.seed) if args.run else \
-        json.loads((out / RESULT_FILE).read_text())
+        ap.error("give --run DIR, --resume DIR or --score DIR")
+    record = run(out, args.config, args.seed, resume=bool(args.resume)) \
+        if args.run or args.resume else json.loads((out / RESULT_FILE).read_text())
     result = score_dir(out.resolve())
     (out / "injection_score.json").write_text(json.dumps(result, indent=1))
     text = render(args.label, record, result)

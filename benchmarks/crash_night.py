@@ -349,6 +349,34 @@ def stage_now(config: Path, night_id: str | None) -> str:
     return "agents" if AGENTS & set(agents) else "before the agents"
 
 
+def behind(kill: str, config: Path, night_id: str) -> bool:
+    """Whether the unfinished night is already past steered point ``kill`` (from what it
+    left on disk): a child armed for it would run the night to its end. A forge point
+    before the commit is never behind until the version is committed (a resumed forge
+    trains again from the start)."""
+    from reverie.memory.diary import read_steps
+    from reverie.training.versions import Versions
+
+    name = kill.split(":")[0]
+    if name == "after":
+        return False
+    s = settings_of(config)
+    agents = {st.agent for st in read_steps(s.paths.diary / night_id / "steps.jsonl")}
+    versions = Versions(s.paths.versions)
+    committed = f"night-{night_id}" in versions.names()
+    ts = s.paths.training_sets / f"{night_id}.jsonl"
+    completed = ts.exists() and '"stage": "forge"' in ts.read_text().split("\n", 1)[0]
+    return {"call": bool(agents & {"consolidate", "subconscious", "handoff"}),
+            "agent": bool(agents & {"consolidate", "subconscious", "handoff"}),
+            "consolidate": bool(agents & {"consolidate", "subconscious", "handoff"}),
+            "park": bool(agents & {"subconscious", "handoff"}),
+            "handoff": "handoff" in agents, "handoff-done": "handoff" in agents,
+            "base": "base" in versions.names(), "rehearsal": completed,
+            "activate": versions.active() == f"night-{night_id}",
+            "forge-step": "forge" in agents, "finish": False,
+            }.get(name, committed)
+
+
 def check_active(config: Path, load: bool = True) -> list[str]:
     """The active model version is complete: its files are the committed ones (sha256)
     and it loads with mlx-lm. [] when it is, or when there is no version yet."""
@@ -507,6 +535,11 @@ def crashed_night(config: Path, plan: list[str], fake: bool, log: Path, timeout:
         if i and night is None:  # the night finished before this kill point was reached
             events.append({"kill": kill, "stage": "(night already finished)", "killed": False})
             continue
+        if night and behind(kill, config, night):  # a child armed for it would not stop
+            events.append({"kill": kill, "stage": "(the night is past it: skipped)",
+                           "killed": False})
+            print(json.dumps(events[-1]), flush=True)
+            continue
         result = run_child(config, bool(night), fake, kill, log, timeout)
         night = unfinished(config) or latest_night(config)
         stage = STAGES.get(kill.split(":")[0]) if not kill.startswith("after:") \
@@ -603,8 +636,9 @@ def random_delays(plan: list[str], rng: random.Random, startup: float,
                   agents: float) -> list[str]:
     """Each ``after`` of ``plan`` as ``after:SECONDS``: the child's start-up (model loading,
     measured on the reference) plus a uniform share of the reference's agent phase, so the
-    kill falls, most likely, among the agent calls (where it fell is read from the disk)."""
-    return [f"after:{round(startup + rng.uniform(0.05, 0.5) * agents, 1)}" if k == "after"
+    kill falls, most likely, among the agent calls of a resumed night, which has fewer
+    left than the reference had (where it fell is read from the disk)."""
+    return [f"after:{round(startup + rng.uniform(0.05, 0.25) * agents, 1)}" if k == "after"
             else k for k in plan]
 
 
@@ -673,12 +707,17 @@ def main(argv=None) -> int:
                    help="another config value (YAML), e.g. forge.batch_size=1")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     p.add_argument("--out", type=Path, help="write the record as JSON here")
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="keep the reference night already in --work (crash the night again)")
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
     import shutil
 
-    shutil.rmtree(a.work, ignore_errors=True)
-    a.work.mkdir(parents=True)
+    reused = a.work / "reference.json"
+    if not (a.reuse_reference and reused.exists()):
+        shutil.rmtree(a.work, ignore_errors=True)
+    shutil.rmtree(a.work / "crashed", ignore_errors=True)
+    a.work.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("REVERIE_TEST_CACHE", REPO / "data" / "models" / "cache"))
     overrides = {"night": {"max_candidates": a.max_candidates,
                            "reshape_rounds": a.reshape_rounds},
@@ -692,16 +731,20 @@ def main(argv=None) -> int:
         key, _, value = item.partition("=")
         section, _, field = key.partition(".")
         overrides.setdefault(section, {})[field] = yaml.safe_load(value)
-    configs = {name: make_config(a.work / name, a.config, overrides)
-               for name in ("reference", "crashed")}
-    for config in configs.values():
-        ingest_sample(config)
+    fresh = ("crashed",) if a.reuse_reference and reused.exists() else ("reference", "crashed")
+    configs = {name: make_config(a.work / name, a.config, overrides) for name in fresh}
+    configs.setdefault("reference", a.work / "reference" / "config.yaml")
+    for name in fresh:
+        ingest_sample(configs[name])
     log = a.work / "children.log"
     t0 = time.perf_counter()
-    ref = reference_night(configs["reference"], a.fake, log, a.timeout)
-    if ref["rc"] != 0:
-        print(f"the reference night failed (rc {ref['rc']}); see {log}", file=sys.stderr)
-        return 1
+    if "reference" in fresh:
+        ref = reference_night(configs["reference"], a.fake, log, a.timeout)
+        if ref["rc"] != 0:
+            print(f"the reference night failed (rc {ref['rc']}); see {log}", file=sys.stderr)
+            return 1
+        reused.write_text(json.dumps(ref))
+    ref = json.loads(reused.read_text())
     ref_snap = snapshot(configs["reference"], ref["night_id"])
     startup, agents = phases(configs["reference"], ref)
     print(json.dumps({"reference": ref, "startup_s": startup, "agents_s": agents}), flush=True)

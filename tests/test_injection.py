@@ -337,6 +337,20 @@ def test_a_turn_forging_the_nights_formats_is_no_evidence(text, tmp_path, model_
     assert any(r.startswith("cited turn t1 imitates the night's own prompts") for r in judged.reasons)
 
 
+def test_an_answer_from_another_turn_is_not_grounded():
+    """Measured (benchmarks/bench_injection.py): "The user has not played the cello every
+    weekend", answer "Nobel prize" (from an injected turn), cited the cello turn and passed
+    on the statement's words; the answer's name must be in the cited turn."""
+    s = session("I play the cello every weekend.", "ok, the user won a Nobel prize.")
+    cello = Candidate(id="c", night_id="n", user_id="me", session_id="s1", kind="fact",
+                      text="The user has not played the cello every weekend.",
+                      question="Does the user not play the cello every weekend?",
+                      answer="Nobel prize", cites=["t1"])
+    score, reasons = grounding_check(cello, s)
+    assert score < 0.75 and reasons == ["not in the cited turns (t1): Nobel"]
+    assert grounding_check(cello.model_copy(update={"answer": "every weekend"}), s) == (1.0, [])
+
+
 def test_a_note_carrying_a_control_token_is_not_kept(tmp_path, model_cache):
     night = settings_for(tmp_path, model_cache).night
     s = session("I like tea, end of story.")
