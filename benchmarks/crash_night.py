@@ -27,20 +27,25 @@ Where the child dies:
 
 Usage::
 
-    .venv/bin/python benchmarks/crash_night.py --kills 10           # default models, sample day
-    .venv/bin/python benchmarks/crash_night.py --fake --kills 6     # fake agents, tiny forge
+    .venv/bin/python benchmarks/crash_night.py --kills 10 --promote  # default models
+    .venv/bin/python benchmarks/crash_night.py --fake --kills 12     # fake agents, tiny forge
 
 The first runs ``reverie night`` itself in the child (the configured models; the engine's
 sampling is not seeded, so only invariants can be compared, not contents); ``--fake`` runs
 the night with rule-based fake chat models and the forge on a tiny random llama
-(deterministic: the crashed night must equal the reference exactly). Results go to
-``--out`` (JSON) and a Markdown table on stdout.
+(deterministic: the crashed night must equal the reference exactly). The day is the shipped
+sample day; after the first kill a session is appended to the day log (the night must leave
+it for the next one). ``--promote`` loosens the gate so that the forge's fusing, commit and
+activation are met; ``--set forge.batch_size=2`` changes any config value;
+``--reuse-reference`` keeps the reference night of an earlier run in ``--work``. A steered
+point the night is already past is skipped (a child armed for it would finish the night).
+Results go to ``--out`` (JSON) and a Markdown table on stdout; the figures of the runs in
+``benchmarks/results/crash_night.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -620,15 +625,22 @@ def grow_day(config: Path) -> None:
 WANTED = ["call:2", "after", "after", "consolidate:1", "handoff", "train:10", "fuse", "commit",
           "activate", "finish", "agent:2", "gate:2", "commit-mid", "forge-step", "rehearsal",
           "park", "handoff-done"]
+# --fake (what tests/test_crash.py runs, then more): the agents take milliseconds there, so
+# no random delay, and the tiny forge trains 2 steps
+FAKE_WANTED = ["call:3", "consolidate:2", "handoff", "fuse", "commit", "finish", "agent:2",
+               "train:1", "activate", "commit-mid", "gate:2", "park", "handoff-done",
+               "rehearsal", "forge-step"]
 NIGHT_ORDER = ["call", "after", "agent", "consolidate", "park", "handoff", "handoff-done",
                "rehearsal", "train", "gate", "fuse", "commit-mid", "commit", "activate",
                "forge-step", "finish"]
 
 
-def steered_plan(n: int) -> list[str]:
-    """The first ``n`` of :data:`WANTED` (more: random delays) in the order the night meets
-    them, so that each child's point lies ahead of where the previous one stopped."""
-    chosen = WANTED[:n] + ["after"] * max(0, n - len(WANTED))
+def steered_plan(n: int, fake: bool = False) -> list[str]:
+    """The first ``n`` of :data:`WANTED` (:data:`FAKE_WANTED`; more: random delays) in the
+    order the night meets them, so that each child's point lies ahead of where the previous
+    one stopped."""
+    wanted = FAKE_WANTED if fake else WANTED
+    chosen = wanted[:n] + ["after"] * max(0, n - len(wanted))
     return sorted(chosen, key=lambda k: NIGHT_ORDER.index(k.split(":")[0]))
 
 
@@ -698,7 +710,8 @@ def main(argv=None) -> int:
     p.add_argument("--fake", action="store_true",
                    help="fake agents and the forge on a tiny random llama (exact comparison)")
     p.add_argument("--work", type=Path, default=Path("/tmp/reverie-crash-night"))
-    p.add_argument("--max-candidates", type=int, default=2, help="night.max_candidates")
+    p.add_argument("--max-candidates", type=int,
+                   help="night.max_candidates (default 2; with --fake 4, the fake dreamer's most)")
     p.add_argument("--reshape-rounds", type=int, default=1, help="night.reshape_rounds")
     p.add_argument("--promote", action="store_true",
                    help="a gate that always promotes (forge thresholds at their loosest), so "
@@ -719,7 +732,8 @@ def main(argv=None) -> int:
     shutil.rmtree(a.work / "crashed", ignore_errors=True)
     a.work.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("REVERIE_TEST_CACHE", REPO / "data" / "models" / "cache"))
-    overrides = {"night": {"max_candidates": a.max_candidates,
+    max_candidates = a.max_candidates or (4 if a.fake else 2)
+    overrides = {"night": {"max_candidates": max_candidates,
                            "reshape_rounds": a.reshape_rounds},
                  "forge": {"enabled": True, **(LOOSE_GATE if a.promote else {})},
                  "models": {"cache_dir": str(cache)}}
@@ -748,7 +762,7 @@ def main(argv=None) -> int:
     ref_snap = snapshot(configs["reference"], ref["night_id"])
     startup, agents = phases(configs["reference"], ref)
     print(json.dumps({"reference": ref, "startup_s": startup, "agents_s": agents}), flush=True)
-    plan = random_delays(a.plan.split(",") if a.plan else steered_plan(a.kills), rng,
+    plan = random_delays(a.plan.split(",") if a.plan else steered_plan(a.kills, a.fake), rng,
                          startup, agents)
     crash = crashed_night(configs["crashed"], plan, a.fake, log, a.timeout,
                           grow_after=0, grow=grow_day)
@@ -783,7 +797,6 @@ def fake_overrides(work: Path) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import tiny_llama  # noqa: E402  (the tests' tiny model)
 
-    from reverie.runtime import fetch
     from reverie.runtime.folders import save_model_dir
 
     cache = Path(os.environ.get("REVERIE_TEST_CACHE", REPO / "data" / "models" / "cache"))

@@ -61,7 +61,10 @@ def test_the_killed_night_ends_as_the_unbroken_one(nights):
     ref, got = snaps["reference"], snaps["crashed"]
     # the fake agents give Porto then Lisbon, a reshaped phone number dropped on the forget
     # request, and a vetoed preference: the night has something of every kind to repeat
-    assert ref["parked"] and ref["summary"]["approved"] >= 3 and ref["active"] == "night-<night>"
+    summary = ref["summary"]
+    assert (summary["superseded"], summary["reshaped"], summary["dropped_on_request"],
+            summary["parked"]) == (1, 1, 1, 1)
+    assert ref["active"] == "night-<night>"
     assert crash_night.differences(ref, got) == []
     assert got["memories"] == ref["memories"] and got["training"] == ref["training"]
     assert got["weights"] == ref["weights"]  # the same trained weights, to the bit
@@ -130,3 +133,54 @@ def test_a_diary_line_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
     assert [json.loads(l)["step_id"] for l in lines] == ["gather", "dream:s1:w0:b0"]
     assert resumed.recorded("gather").verdict == ""  # the first record stands
     assert Diary(tmp_path, "n1").recorded("dream:s1:w0:b0").produced == [{"id": "c1"}]
+
+
+def test_consolidation_done_before_a_crash_is_read_back_not_redone(tmp_path, model_cache,
+                                                                  embedder, monkeypatch):
+    """A crash right after consolidation's last write (a delete on a forget request, an
+    add, a duplicate's update): the resumed night counts each once and writes none again."""
+    import asyncio
+
+    from test_night import Fake, fact, judgement, session
+
+    from reverie.config import load_settings
+    from reverie.graphs.run import run_night
+    from reverie.memory.daylog import DayLog
+    from reverie.memory.store import MemoryStore
+
+    s = load_settings(REPO / "config.yaml", data_dir=tmp_path / "data")
+    s.models.cache_dir = model_cache
+    s.night.dream_bursts = 1
+    keep = json.dumps({"keep": True, "note": "", "reinforce": []})
+
+    def night(dream, **kw):
+        models = {"dreamer": Fake(responses=[dream]), "verifier": Fake(responses=[judgement()]),
+                  "reshaper": Fake(responses=["{}"]), "persona": Fake(responses=[keep])}
+        return asyncio.run(run_night(s, models=models, embedder=embedder, learner=None, **kw))
+
+    log = DayLog(s.paths.days)
+    log.append([session("s1", "My phone number is 555-0142.")])
+    night(fact("What is the user's phone number?", "555-0142", "t1"))
+    log.append([session("s2", "Please forget my phone number.", "My dog is called Biscuit.",
+                        day=2)])
+    s.night.dream_bursts = 2  # the second burst's twin is a duplicate of the first's
+    update = MemoryStore.update
+
+    def crash_after(self, memory, reason):
+        update(self, memory, reason)
+        raise RuntimeError("killed after the duplicate's write")
+    monkeypatch.setattr(MemoryStore, "update", crash_after)
+    dog = fact("What is the user's dog called?", "Biscuit", "t3")
+    with pytest.raises(RuntimeError, match="killed after"):
+        night(dog)
+    monkeypatch.setattr(MemoryStore, "update", update)
+    summary = night(dog, resume=True)
+    assert (summary["deleted"], summary["memories_added"], summary["duplicates"]) == (1, 1, 1)
+    [memory] = MemoryStore(s.paths.memories_db).list(user_id="me")
+    assert memory.answer == "Biscuit"
+    assert sum(h["reason"].startswith("seen again") for h in memory.history) == 1
+    raw = [json.loads(l)["step_id"] for l in
+           (s.paths.diary / summary["night_id"] / "steps.jsonl").read_text().splitlines()]
+    assert len(raw) == len(set(raw))  # each step once, the consolidation's too
+    assert sum(k.startswith("consolidate:delete:") for k in raw) == 1
+    assert sum(k.startswith("consolidate:duplicate:") for k in raw) == 1
