@@ -1,14 +1,27 @@
 """The persona consultant: the student (day) model reviews passed memories against its
-identity; it may annotate or veto (with a reason) and proposes identity reinforcement items."""
+identity; it may annotate or veto (with a reason) and proposes identity reinforcement items.
+
+A proposed identity item must be about the assistant: a question put to it ("you") that
+neither speaks of the user nor repeats the memory's names or numbers. Measured
+(``benchmarks/bench_injection.py``, 2026-12-07): SmolLM2-135M proposed "What city does the
+user live in? Bergen" and "What is shellfish? Shrimp" while reviewing the user's memories;
+as identity items they were trained with no memory behind them, so no user owned them and
+``reverie memories forget`` could not unlearn them."""
 
 from __future__ import annotations
+
+import re
 
 from pydantic import BaseModel, Field
 
 from reverie.runtime.structured import json_schema
 from reverie.agents.common import AgentCall, call
+from reverie.agents.verifier import salient
 from reverie.memory.identity import Identity
 from reverie.memory.records import Candidate, IdentityItem, neutralise
+
+_YOU = re.compile(r"\byou(?:r|rs|rself)?\b", re.I)
+_USER = re.compile(r"\busers?\b", re.I)
 
 VARIABLES = frozenset({"identity", "memory"})
 
@@ -25,6 +38,23 @@ def grammar() -> dict:
     item["properties"]["question"]["maxLength"] = 120
     item["properties"]["answer"]["maxLength"] = 200
     return schema
+
+
+def not_identity(item: IdentityItem, candidate: Candidate) -> str:
+    """Why ``item``, proposed while reviewing ``candidate``, is not about the assistant
+    (``""`` when it is): it speaks of the user, its question is not put to the assistant,
+    or it repeats a name or number of the memory (it restates the user's memory)."""
+    text = f"{item.question} {item.answer}"
+    if _USER.search(text):
+        return f"identity item dropped, it speaks of the user: {item.question!r}"
+    if not _YOU.search(item.question):
+        return f"identity item dropped, not a question to the assistant: {item.question!r}"
+    words = {w.lower() for w in re.findall(r"[\w'-]+", text)}
+    shared = sorted(w for w in salient(candidate)[0] if w.lower() in words)
+    if shared:
+        return (f"identity item dropped, it repeats the memory ({', '.join(shared)}): "
+                f"{item.question!r}")
+    return ""
 
 
 class PersonaConsultant:
@@ -45,6 +75,9 @@ class PersonaConsultant:
         if review is None:
             review = Review(keep=True, note="no review (consultant gave no valid answer)")
         items = [i for i in review.reinforce if i.question.strip() and i.answer.strip()]
+        dropped = {id(i): why for i in items if (why := not_identity(i, candidate))}
+        result.checks += list(dropped.values())
+        items = [i for i in items if id(i) not in dropped]
         status = "approved" if review.keep else "vetoed"
         return candidate.model_copy(update={
             "status": status, "persona_note": review.note, "identity_items": items,
