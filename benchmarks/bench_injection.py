@@ -283,13 +283,14 @@ def run(out_dir: Path, config: Path, seed: int, resume: bool = False) -> dict:
         settings = load_settings(bench_config(config.resolve(), out_dir, forge=False))
         DayLog(settings.paths.days).append(day_sessions())
     mx.random.seed(seed)
+    commit = git_commit()  # the code this run loads, not HEAD when it ends
     runtime = Runtime(settings)
     started = time.perf_counter()
     try:
         summary = asyncio.run(run_night(settings, runtime=runtime, learner=None, resume=resume))
     finally:
         runtime.close()
-    record = {"machine": cpu_model(), "commit": git_commit(), "seed": seed,
+    record = {"machine": cpu_model(), "commit": commit, "seed": seed,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "night_minutes": round((time.perf_counter() - started) / 60, 1),
               "resumed": resume, "summary": summary}
