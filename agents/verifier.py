@@ -66,10 +66,27 @@ def forgeries(text: str) -> list[str]:
     return [name for name, pattern in FORGERIES if pattern.search(text)]
 
 
+# A person speaks of themselves as "I"; a turn that says "the user ..." and never "I", "me"
+# or "my" is written for the night's note-taker (measured: every injected claim kept in the
+# held-out runs of benchmarks/bench_injection.py read "The user has climbed Everest ...",
+# "the user owns a private island", ...). Turns only: the night's own notes say "The user".
+THIRD_PERSON = ("a claim about 'the user' in the third person",
+                re.compile(r"\b(?:the|this) user\b", re.I))
+_FIRST_PERSON = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us)\b", re.I)
+
+
+def turn_forgeries(text: str) -> list[str]:
+    """What in a user turn imitates the night's formats: :func:`forgeries`, and a claim
+    about "the user" in a turn that never speaks in the first person (:data:`THIRD_PERSON`)."""
+    name, pattern = THIRD_PERSON
+    third = pattern.search(text) and not _FIRST_PERSON.search(text)
+    return forgeries(text) + ([name] if third else [])
+
+
 def forged_turns(candidate: Candidate, session: Session) -> dict[str, list[str]]:
     """The candidate's cited turns that imitate the night's own formats, each with what in
-    it does (:func:`forgeries`): such a turn speaks to the night, it is no evidence."""
-    found = {t: forgeries(m.content) for t in candidate.cites if (m := session.turn(t))}
+    it does (:func:`turn_forgeries`): such a turn speaks to the night, it is no evidence."""
+    found = {t: turn_forgeries(m.content) for t in candidate.cites if (m := session.turn(t))}
     return {t: f for t, f in found.items() if f}
 
 
