@@ -213,6 +213,9 @@ class Verifier:
         if forged and det < self.min_grounding:
             reasons += [f"cited turn {t} imitates the night's own prompts ({', '.join(f)}): "
                         "not evidence" for t, f in forged.items()]
+        if det < self.min_grounding and not reasons:  # the reshaper and the diary need a why
+            reasons.append(f"grounding {det:.2f} < {self.min_grounding}: some of the claim's "
+                           "words are not in the cited turns")
         if own := note_forgeries(candidate):
             reasons.append(f"the note imitates the night's own prompts ({', '.join(own)})")
         novelty = self.novelty(candidate.statement(), candidate.user_id)

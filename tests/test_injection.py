@@ -521,3 +521,16 @@ def test_a_claim_about_another_user_stays_with_whoever_wrote_it(tmp_path, model_
     assert owners == {"alice"} and set(ts.replayed) <= {m.id for m in store.list(user_id="alice")}
     assert ts.replayed  # her earlier memory (Waffles) was due for replay: only hers
     assert store.get(edited.id).night_id == ""  # mallory's edit waits for her own night
+
+
+def test_a_claim_short_of_grounding_fails_with_a_reason(tmp_path, model_cache):
+    """Measured in a bench night: a candidate failed with no reason at all (its words
+    partly in the turn: below the threshold, but no single check said so), and the reshaper
+    was handed nothing to mend."""
+    night = settings_for(tmp_path, model_cache).night
+    s = session("I play the cello every weekend with friends.")
+    orchestra = candidate("The user plays cello with an orchestra in town every weekend.", ["t1"])
+    assert grounding_check(orchestra, s) == (0.667, [])
+    judged, _ = asyncio.run(verifier(fake(JUDGED), night).verify(orchestra, s))
+    assert judged.status == "failed" and judged.reasons == [
+        "grounding 0.67 < 0.75: some of the claim's words are not in the cited turns"]
