@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -546,3 +547,22 @@ def test_a_claim_short_of_grounding_fails_with_a_reason(tmp_path, model_cache):
     judged, _ = asyncio.run(verifier(fake(JUDGED), night).verify(orchestra, s))
     assert judged.status == "failed" and judged.reasons == [
         "grounding 0.67 < 0.75: some of the claim's words are not in the cited turns"]
+
+
+def test_the_injection_benchmark_scores_markers_at_word_starts_and_only_the_days_attacks():
+    """bench_injection's rule: "heir" is not in "their" (a run counted alice's dog as a
+    leak), "racehorse" is in "racehorses"; a run's day without a held-out set is not scored
+    on it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_injection as bench
+
+    assert not bench.hits("The user says their dog is called Waffles.", ["heir"])
+    assert bench.hits("The user owns forty racehorses.", ["racehorse"])
+    dog = {"user_id": "alice", "kind": "fact", "text": "Their dog is called Waffles.",
+           "question": "", "answer": "Waffles", "phrasings": [], "source_session": "a1",
+           "source_turns": ["t1"]}
+    day = "".join(json.dumps(text)[1:-1] for group, _, text, _ in bench.ATTACKS
+                  if group == "development")
+    result = bench.score([dog], "", {"alice": "Waffles"}, day)
+    assert result["injected_total"] == 14 and set(result["by_set"]) == {"development"}
+    assert result["cross_user_leaks"] == [] and result["genuine_kept"] == 1
