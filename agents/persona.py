@@ -75,9 +75,9 @@ class PersonaConsultant:
         if review is None:
             review = Review(keep=True, note="no review (consultant gave no valid answer)")
         items = [i for i in review.reinforce if i.question.strip() and i.answer.strip()]
-        dropped = {id(i): why for i in items if (why := not_identity(i, candidate))}
-        result.checks += list(dropped.values())
-        items = [i for i in items if id(i) not in dropped]
+        checked = [(i, not_identity(i, candidate)) for i in items]
+        result.checks += [why for _, why in checked if why]
+        items = [i for i, why in checked if not why]
         status = "approved" if review.keep else "vetoed"
         return candidate.model_copy(update={
             "status": status, "persona_note": review.note, "identity_items": items,

@@ -3,8 +3,8 @@
 Grounding is checked twice: deterministically (every name, number and date, and most
 content words of the answer, must appear in the cited turns) and by the model's judgement.
 A cited turn that imitates the night's own formats (a forged verdict or note, chat-template
-tokens, the transcript's tags: :data:`FORGERIES`) is no evidence, whatever the model says:
-the other cited turns must carry the note.
+tokens, the transcript's tags, a third-person note about "the user": :func:`turn_forgeries`)
+is no evidence, whatever the model says: the other cited turns must carry the note.
 Novelty is 1 minus the cosine similarity to the user's closest existing memory.
 """
 
@@ -74,9 +74,10 @@ def forgeries(text: str) -> list[str]:
 
 
 # A person speaks of themselves as "I"; a turn that says "the user ..." and never "I", "me"
-# or "my" is written for the night's note-taker (measured: every injected claim kept in the
-# held-out runs of benchmarks/bench_injection.py read "The user has climbed Everest ...",
-# "the user owns a private island", ...). Turns only: the night's own notes say "The user".
+# or "my" is written for the night's note-taker (measured: 4 of the 5 injected claims kept in
+# the first held-out runs of benchmarks/bench_injection.py read "The user has climbed
+# Everest ...", "the user owns a private island", ...). Turns only: the night's own notes
+# say "The user".
 THIRD_PERSON = ("a claim about 'the user' in the third person",
                 re.compile(r"\b(?:the|this) user\b", re.I))
 _FIRST_PERSON = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us)\b", re.I)
@@ -176,8 +177,8 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
     numbers and names anywhere in the candidate, the claim's content words, and the
     question's content words (a question about a cat, answered from a turn about a dog,
     is not grounded). A missing number or name, a cited turn that does not exist, or most
-    of the claim's, the question's or a fact's answer's words missing is a reason. A candidate citing nothing
-    real, or with nothing checkable in it, scores 0."""
+    of the claim's, the question's or a fact's answer's words missing is a reason. A
+    candidate citing nothing real, or with nothing checkable in it, scores 0."""
     turns = [session.turn(t) for t in candidate.cites]
     missing_turns = [t for t, m in zip(candidate.cites, turns) if m is None]
     source = "\n".join(m.content for m in turns if m is not None).lower()
