@@ -1,15 +1,17 @@
-"""What every agent shares: a structured call that also yields its diary fields."""
+"""What every agent shares: a structured or plain-text call that also yields its diary
+fields."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import BaseModel
 
 from langchain_core.messages import HumanMessage
+from tenacity import AsyncRetrying, stop_after_attempt
 
 from reverie.runtime.structured import (StructuredOutputError, acall_structured,
                                         constrains_decoding, format_instructions)
@@ -75,6 +77,33 @@ async def call(model, prompt: ChatPromptTemplate, variables: dict, schema: type[
         parsed, raw, tries, usage, error = reply.parsed, reply.raw, reply.attempts, reply.usage, ""
     except StructuredOutputError as exc:
         parsed, raw, tries, usage, error = None, exc.raw, exc.attempts, {}, str(exc)
+    return AgentCall(parsed, raw, rendered, model_name(model), getattr(model, "temperature", None),
+                     time.perf_counter() - start, usage.get("input_tokens", 0),
+                     usage.get("output_tokens", 0), tries, error)
+
+
+async def call_text(model, prompt: ChatPromptTemplate, variables: dict, role: str,
+                    attempts: int = 2, parse: Callable[[str], Any] | None = None) -> AgentCall:
+    """Render ``prompt`` with ``variables`` and ask ``model`` for plain text (no JSON: a small
+    model reads and writes better in free lines, "Let Me Speak Freely?", arXiv 2408.02442).
+
+    ``parse(text)`` turns the answer into the call's ``parsed`` value. A model error is
+    retried (tenacity, ``attempts`` tries); the call never raises for one: it comes back
+    with ``parsed=None`` and the error, so one failed turn cannot stop the night.
+    """
+    messages = prompt.format_messages(**variables)
+    rendered = [{"role": m.type, "content": m.content} for m in messages]
+    start = time.perf_counter()
+    raw, usage, error, tries = "", {}, "", 0
+    try:
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True):
+            with attempt:
+                tries = attempt.retry_state.attempt_number
+                reply = await model.ainvoke(messages)
+                raw, usage = str(reply.content), getattr(reply, "usage_metadata", None) or {}
+    except Exception as exc:  # noqa: BLE001 - any model failure is noted, not raised
+        error = f"role {role}: {type(exc).__name__}: {exc}"
+    parsed = parse(raw) if parse is not None and not error else (raw if not error else None)
     return AgentCall(parsed, raw, rendered, model_name(model), getattr(model, "temperature", None),
                      time.perf_counter() - start, usage.get("input_tokens", 0),
                      usage.get("output_tokens", 0), tries, error)

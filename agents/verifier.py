@@ -1,7 +1,11 @@
-"""The verifier: scores a candidate for grounding, novelty, importance and utility.
+"""The verifier: scores a note for grounding, attribution, novelty, importance and utility,
+and checks the dreamer's phrasings and neighbour questions against the verified note.
 
 Grounding is checked twice: deterministically (every name, number and date, and most
 content words of the answer, must appear in the cited turns) and by the model's judgement.
+Attribution is checked by code (:func:`attribution`): a note that gives the user what the
+turn says of someone else ("My husky Luna is three" -> "The user is three years old") is
+not about the user.
 A cited turn that imitates the night's own formats (a forged verdict or note, chat-template
 tokens, the transcript's tags, a third-person note about "the user": :func:`turn_forgeries`)
 is no evidence, whatever the model says: the other cited turns must carry the note.
@@ -16,8 +20,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, Field
 
 from reverie.agents.common import AgentCall, call
-from reverie.agents.dreamer import context
-from reverie.memory.records import Candidate, Scores, Session, neutralise, transcript_of
+from reverie.memory.records import Candidate, Message, Scores, Session, neutralise, transcript_of
 
 VARIABLES = frozenset({"transcript", "kind", "memory", "cites"})
 
@@ -25,7 +28,11 @@ _STOP = set("""a an and are as at be been but by can could did do does for from 
 him his how i if in into is it its me my no not of on or our she so than that the their them
 then there these they this to too up us was we were what when where which who why will with
 would you your yes user assistant about also just like really very user's name names called
-thing things kind sort favorite favourite tell know question answer i'm i've i'd i'll""".split())
+thing things kind sort favorite favourite tell know question answer i'm i've i'd i'll
+named works work worked working lives live lived living wants owns uses currently now
+recently""".split())
+# (the last two lines: the glue a note adds around what the user said: "I'm a nurse" ->
+# "The user works as a nurse", "we moved to Utrecht" -> "The user lives in Utrecht")
 _NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
 _WORD = re.compile(r"[A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'-]*")
 
@@ -156,16 +163,20 @@ def salient(candidate: Candidate) -> tuple[set[str], set[str]]:
     # prize" cited from a turn about the cello passed on its other words)
     must |= {_bare(w) for w in _WORD.findall(candidate.answer)
              if w[0].isupper() and w.lower() not in _STOP}
-    claim = f"{candidate.answer} {candidate.text}"
-    content = {_bare(w).lower() for w in _WORD.findall(claim)
-               if len(w) > 2 and _bare(w).lower() not in _STOP}
-    return must, content
+    return must, _content_words(f"{candidate.answer} {candidate.text}")
+
+
+def _content_words(text: str) -> set[str]:
+    """Lower-cased words of three letters or more, possessives bare, stopwords out."""
+    return {_bare(w).lower() for w in _WORD.findall(text)
+            if len(w) > 2 and _bare(w).lower() not in _STOP}
 
 
 def _stem(word: str) -> str:
-    """Crude stem: "works" -> "work", "moved" -> "mov" (found in "move")."""
+    """Crude stem: "works" -> "work", "dogs" -> "dog", "moved" -> "mov" (found in "move")."""
     for suffix in ("ing", "ed", "es", "s"):
-        if word.endswith(suffix) and len(word) > len(suffix) + 3:
+        short = suffix == "s" and len(word) > 3 and not word.endswith("ss")
+        if word.endswith(suffix) and (len(word) > len(suffix) + 3 or short):
             return word[: -len(suffix)]
     return word
 
@@ -199,8 +210,7 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
     # the answer is what the forge trains: its own words must come from the cited turns
     # (measured: "The user owns a submarine", from an injected turn, answered a question
     # about the cello and passed on the statement's words)
-    said = {_bare(w).lower() for w in _WORD.findall(candidate.answer) if len(w) > 2
-            and _bare(w).lower() not in _STOP} if candidate.kind == "fact" else set()
+    said = _content_words(candidate.answer) if candidate.kind == "fact" else set()
     unsaid = sorted(w for w in said if w not in source and _stem(w) not in source)
     if said and len(unsaid) > len(said) / 2:
         reasons.append(f"the answer is not in the cited turns ({', '.join(candidate.cites)}): "
@@ -213,6 +223,203 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
         reasons.append("most of the claim's words are not in the cited turns: "
                        + ", ".join(sorted(content - found_content)))
     return round(score, 3), reasons
+
+
+def evidence(session: Session, cites: list[str], before: int) -> list[Message]:
+    """What the verifier and reshaper read: the cited turns and the ``before`` messages
+    before the first of them (the context the note-taker had), in session order. No cited
+    turn of the session: the whole session."""
+    ids = [m.turn_id for m in session.messages]
+    at = [ids.index(t) for t in cites if t in ids]
+    if not at:
+        return list(session.messages)
+    return session.messages[max(0, min(at) - before):max(at) + 1]
+
+
+# Who else a clause can be about: the people and animals a user talks of.
+_RELATIONS = r"""sister|sisters|brother|brothers|mother|mom|mum|mama|father|dad|papa|parents?|
+son|sons|daughter|daughters|kids?|children|child|baby|wife|husband|partner|boyfriend|
+girlfriend|fianc[eé]e?|spouse|friend|friends|bestie|neighbou?rs?|colleagues?|co-?workers?|
+boss|manager|roommates?|flatmates?|cousins?|aunt|uncle|grandma|grandmother|grandpa|
+grandfather|grandparents?|niece|nephew|in-laws?|family|team|teacher|students?|clients?|
+dog|dogs|cat|cats|puppy|kitten|pets?|horse|bird|parrot|rabbit|bunny|hamster|fish|husky|
+tortoise|turtle|snake|lizard|ferret|guinea pig|assistant"""
+_RELATIONS = _RELATIONS.replace("\n", "")
+_OWNED_OTHER = re.compile(rf"\b(?:my|our|his|her|their|your)\s+(?:\w+\s+)?(?:{_RELATIONS})\b",
+                          re.I)
+_OTHER_NOTE = re.compile(rf"\b(?:{_RELATIONS})\b", re.I)
+_OTHER_SUBJECT = re.compile(r"\b(?:he|she|they|he's|she's|they're|his|her|him|them|their|"
+                            r"you|you're|your|you've|yours)\b", re.I)
+_SELF = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|im|me|myself|we|we're|we've|us)\b", re.I)
+_MY = re.compile(r"\b(?:my|our|mine)\b", re.I)
+_CLAUSE = re.compile(r"(?<=[.!?;])\s+|,\s*(?:and|but|so|while)\s+|\s+(?:but|and then)\s+|\n")
+
+
+def _clause_speaks_of_self(clause: str) -> bool:
+    """Whether a clause has the speaker among its subjects: "I", "we", or a "my" that is
+    not "my sister", "my dog" (a possessive of the speaker's own thing)."""
+    if _SELF.search(clause):
+        return True
+    return len(_MY.findall(clause)) > len(re.findall(rf"\b(?:my|our)\s+(?:\w+\s+)?"
+                                                     rf"(?:{_RELATIONS})\b", clause, re.I))
+
+
+def attribution(candidate: Candidate, session: Session) -> str:
+    """Why the note gives the user what the cited turns say of someone else (``""`` when
+    it does not).
+
+    The clause of the cited user turns that shares most content words with the note is its
+    source. A note that names no one but the user ("The user is three years old") whose
+    source clause is about another person or animal ("my husky Luna is three", "she
+    loves bouldering", "your store looks great") and not about the speaker ("I", "we", a
+    "my" of the speaker's own) is misattributed. Measured in the prototype of issue 19:
+    the husky's age and the sister's hobby given to the user; on LoCoMo, "The user is a
+    counselor" from a turn that praised the friend's counselling."""
+    note = candidate.text or candidate.answer
+    if not note or _OTHER_NOTE.search(_USER_WORDS.sub("", note)) or _OTHER_SUBJECT.search(
+            _USER_WORDS.sub("", note)):
+        return ""
+    words = _content_words(note)
+    if not words:
+        return ""
+    best, overlap = "", 0
+    for t in candidate.cites:
+        m = session.turn(t)
+        if m is None or m.role != "user":
+            continue
+        for clause in _CLAUSE.split(m.content):
+            found = {w for w in words if w in clause.lower() or _stem(w) in clause.lower()}
+            if len(found) > overlap:
+                best, overlap = clause, len(found)
+    if not best or _clause_speaks_of_self(best):
+        return ""
+    other = _OWNED_OTHER.search(best) or _OTHER_SUBJECT.search(best) or _OTHER_NOTE.search(best)
+    if other is None:  # a clause whose subject is someone the session names ("Biscuit loves ...")
+        first = _WORD.match(best.strip())
+        known = {n.lower() for m in session.messages for n in _names(m.content)}
+        if first and first.group().lower() in known:
+            other = first
+    if other is None:
+        return ""
+    return (f"about someone else, not the user: the turn says it of '{other.group().strip()}' "
+            f"({best.strip()[:80]!r})")
+
+
+_USER_WORDS = re.compile(r"\bthe user(?:'s)?\b", re.I)
+_FIRST = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself)\b", re.I)
+_PERSONAL = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us|you|your|"
+                       r"you're|yours|yourself|users?)\b", re.I)
+
+
+_FUNCTION = frozenset("""the and but for with that this than then from into onto about what when
+where which who whom whose how why are was were is be been has have had does did can could
+should would will shall may might must not you your yours i me my mine user user's assistant
+also just really very any some""".split())
+
+
+def _topic_words(text: str) -> set[str]:
+    """Stems of a text's words of three letters or more but function words: what two
+    phrasings of one fact share ("Where do I live?" and "The user lives in Porto" share
+    "live")."""
+    return {_stem(_bare(w).lower()) for w in _WORD.findall(text)
+            if len(w) > 2 and _bare(w).lower() not in _FUNCTION}
+
+
+_SECOND = {"you": "I", "your": "my", "yours": "mine", "yourself": "myself", "you're": "I'm",
+           "you've": "I've", "you'd": "I'd", "you'll": "I'll"}
+
+
+def user_voice(line: str) -> str:
+    """A dreamt question put in the second person ("Where do you live?", a small model's
+    habit) in the user's own voice ("Where do I live?"); a line already in the first person
+    is kept as written."""
+    if _FIRST.search(line) or not re.search(r"\byou(?:r|rs|rself|'re|'ve|'d|'ll)?\b", line, re.I):
+        return line
+    return re.sub(r"\byou(?:r|rs|rself|'re|'ve|'d|'ll)?\b",
+                  lambda m: _SECOND[m.group().lower()], line, flags=re.I)
+
+
+_ASKING = frozenset("""what where which who whom whose how when why is are was were do does did
+can could should would will shall have has had remind tell please say repeat give name list
+may might must""".split())
+
+
+def _line_names(line: str) -> set[str]:
+    """Capitalised words of a dreamt line, its first word too unless it is a question or
+    request word ("Pepper, my dog: what breed ..." names Pepper)."""
+    words = _WORD.findall(line)
+    first = {_bare(words[0])} if words and words[0][0].isupper() and \
+        _bare(words[0]).lower() not in _ASKING | _STOP else set()
+    return _names(line) | first
+
+
+def dream_checks(candidate: Candidate, most_phrasings: int = 12,
+                 most_neighbours: int = 5) -> tuple[Candidate, list[str]]:
+    """The dreamer's lines that fit the verified note, and why each other line was dropped.
+
+    A phrasing (question or request) must be in the user's voice ("my", "I", "me"), share a
+    content word with the note (it asks what the note says), and hold no name or number
+    the note lacks (no invented detail); the first question (ending in "?") becomes the
+    candidate's ``question``. A neighbour question must end in "?", be about no one
+    ("my", "you", "the user" are absent) and hold none of the note's names or numbers (it
+    would be about the user's fact) and share a word with the note's topic (a small model
+    copies its prompt's examples' neighbours otherwise). The answer must say nothing the note does not
+    (:func:`reverie.agents.dreamer.second_person` wrote it from the note).
+
+    Returns:
+        ``(candidate, dropped)``: the candidate with checked ``question``, ``phrasings``
+        (at most ``most_phrasings``) and ``neighbours`` (at most ``most_neighbours``).
+    """
+    note = candidate.text
+    note_low = note.lower()
+    words = _content_words(note)
+    note_names = {w.lower() for w in _names(note)} | set(_NUMBER.findall(note))
+    # what a neighbour question may share: the note's topic, not its names
+    topic = _topic_words(note) - {_stem(n) for n in note_names}
+    dropped: list[str] = []
+    kept: list[str] = []
+    said = _topic_words(note)
+    for line in [candidate.question, *candidate.phrasings]:
+        if not line:
+            continue
+        line = user_voice(line)
+        low = line.lower()
+        shared = _topic_words(line) & said
+        invented = sorted(w for w in _line_names(line) | set(_NUMBER.findall(line))
+                          if w.lower() not in note_low)
+        why = ("not in the user's voice (no my, I or me)" if not _FIRST.search(line) else
+               "speaks of 'the user'" if "user" in low else
+               f"invents {', '.join(invented)}" if invented else
+               "shares no word with the note" if said and not shared else
+               "too long" if len(line) > 160 else "")
+        if why:
+            dropped.append(f"phrasing {line!r}: {why}")
+        else:
+            kept.append(line)
+    questions = [q for q in kept if q.endswith("?")]
+    main = questions[0] if questions else ""
+    phrasings = [p for p in kept if p != main][:most_phrasings]
+    neighbours: list[str] = []
+    for line in candidate.neighbours:
+        low = line.lower()
+        hits = sorted(n for n in note_names if re.search(rf"\b{re.escape(n)}\b", low))
+        near = _topic_words(line) & topic
+        why = ("not a question" if not line.endswith("?") else
+               "about the user (my, you, user)" if _PERSONAL.search(line) else
+               f"holds the note's {', '.join(hits)}" if hits else
+               "not near the note's topic" if topic and not near else
+               "too long" if len(line) > 160 else "")
+        if why:
+            dropped.append(f"neighbour {line!r}: {why}")
+        else:
+            neighbours.append(line)
+    unsaid = sorted(w for w in _content_words(candidate.answer) - words
+                    if _stem(w) not in note_low)
+    if unsaid:
+        dropped.append(f"answer {candidate.answer!r} says what the note does not: "
+                       + ", ".join(unsaid))
+    return candidate.model_copy(update={"question": main, "phrasings": phrasings,
+                                        "neighbours": neighbours[:most_neighbours]}), dropped
 
 
 class Verifier:
@@ -229,9 +436,9 @@ class Verifier:
         reshaped) or ``rejected`` (already known, or out of reshape rounds)."""
         # a turn imitating the night's formats is no evidence: the rest must carry the note
         forged = forged_turns(candidate, session)
-        evidence = [t for t in candidate.cites if t not in forged]
-        det, reasons = (grounding_check(candidate.model_copy(update={"cites": evidence}), session)
-                        if evidence or not forged else (0.0, []))
+        cited = [t for t in candidate.cites if t not in forged]
+        det, reasons = (grounding_check(candidate.model_copy(update={"cites": cited}), session)
+                        if cited or not forged else (0.0, []))
         if forged and det < self.min_grounding:
             reasons += [f"cited turn {t} imitates the night's own prompts ({', '.join(f)}): "
                         "not evidence" for t, f in forged.items()]
@@ -240,12 +447,14 @@ class Verifier:
                            "words are not in the cited turns")
         if own := note_forgeries(candidate):
             reasons.append(f"the note imitates the night's own prompts ({', '.join(own)})")
+        if misattributed := attribution(candidate.model_copy(update={"cites": cited}), session):
+            reasons.append(misattributed)
         novelty = self.novelty(candidate.statement(), candidate.user_id)
         result = await call(self.model, self.prompt,
-                            {"transcript": transcript_of(context(session, candidate.cites,
-                                                                 self.night.window_turns)),
+                            {"transcript": transcript_of(evidence(session, candidate.cites,
+                                                                  self.night.note_context_turns)),
                              "kind": candidate.kind, "memory": neutralise(note(candidate)),
-                             "cites": neutralise(", ".join(evidence) or "none")},
+                             "cites": neutralise(", ".join(cited) or "none")},
                             Judgement, "verifier", self.attempts)
         j = result.parsed
         if j is None:
@@ -266,9 +475,24 @@ class Verifier:
                   "rejected" if known or candidate.round >= self.night.reshape_rounds else "failed")
         updated = candidate.model_copy(update={
             "scores": scores, "reasons": reasons, "status": status,
-            "cites": evidence if passed else candidate.cites,
+            "cites": cited if passed else candidate.cites,
             "history": candidate.history + [{"agent": "verifier", "round": candidate.round,
                                              "status": status, "reasons": reasons,
                                              "scores": scores.model_dump(),
                                              "judgement": j.reason}]})
         return updated, result
+
+    def check_dream(self, candidate: Candidate) -> Candidate:
+        """The dreamer's lines checked against the verified note (:func:`dream_checks`):
+        ``dreamt`` with what passed, or ``rejected`` when no question in the user's voice is
+        left (nothing to train). What was dropped is in the history; it goes to the diary."""
+        checked, dropped = dream_checks(candidate, self.night.max_phrasings,
+                                        self.night.neighbours)
+        reasons = [] if checked.question else ["the dreamer wrote no question the note answers"]
+        status = "dreamt" if checked.question else "rejected"
+        return checked.model_copy(update={
+            "status": status, "reasons": candidate.reasons + reasons,
+            "history": candidate.history + [{
+                "agent": "verifier", "check": "dream", "status": status,
+                "phrasings": len(checked.phrasings) + bool(checked.question),
+                "neighbours": len(checked.neighbours), "dropped": dropped}]})

@@ -191,38 +191,19 @@ def fake_models() -> dict:
     """Rule-based fake chat models for the shipped sample day (langchain-core's
     FakeListChatModel, answering by what the prompt contains): deterministic, so a resumed
     night must produce exactly the reference's memories. They exercise add, supersede
-    (Porto, then Lisbon), a failed verification and its reshape (the phone number), a
-    forget request dropping a memory approved the same night, and a persona veto (parked)."""
+    (Porto, then Lisbon), a failed verification and its reshape (the employer), a note the
+    user asked to forget the same day (the phone number, rejected as it is read), and a
+    persona veto (parked)."""
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
-    def fact(q, a, turn, phrasings=()):
-        return {"kind": "fact", "question": q, "answer": a, "phrasings": list(phrasings),
-                "statement": "", "turns": [turn]}
-
-    def pref(statement, turn, kind="preference"):
-        return {"kind": kind, "question": "", "answer": "", "phrasings": [],
-                "statement": statement, "turns": [turn]}
-
-    dreams = [
-        ("two-year-old beagle", [fact("What is the user's dog called?", "Biscuit", "t1",
-                                      ["What is the name of the user's dog?"]),
-                                 fact("Where does the user work?", "Tidewater Labs", "t3",
-                                      ["Which company does the user work for?"]),
-                                 fact("Where does the user live?", "Porto", "t3"),
-                                 fact("What is the user's phone number?", "555-0142", "t5")]),
-        ("leap year", [pref("The user wants short answers, one line.", "t1", "rule")]),
-        ("green tea", [pref("The user prefers green tea to coffee.", "t1"),
-                       fact("Where does the user live?", "Lisbon", "t3",
-                            ["In which city does the user live?"])]),
-    ]
-
     class Rules(FakeListChatModel):
-        """Answers with the first rule whose key is in the prompt (the last is the default)."""
+        """Answers with the first rule whose key is in the last message (the last rule is
+        the default)."""
 
         rules: list = []
 
         def _call(self, messages, *args, **kwargs):
-            text = "\n".join(str(getattr(m, "content", m)) for m in messages)
+            text = str(getattr(messages[-1], "content", messages[-1]))
             return next((answer for key, answer in self.rules if key in text),
                         self.rules[-1][1])
 
@@ -230,14 +211,35 @@ def fake_models() -> dict:
         return json.dumps({"grounded": ok, "importance": 4, "utility": 4,
                            "reason": "stated by the user" if ok else "not stated"})
 
+    def lines(*notes: str) -> str:
+        return "\n".join(f"- {n}" for n in notes)
+
     return {
-        "dreamer": Rules(responses=["{}"], rules=[(k, json.dumps({"memories": v}))
-                                                  for k, v in dreams]
-                         + [("", json.dumps({"memories": []}))]),
-        "verifier": Rules(responses=["{}"], rules=[("What is the user's phone number?",
-                                                    judged(False)), ("", judged(True))]),
-        "reshaper": Rules(responses=["{}"], rules=[("", json.dumps(
-            fact("What is the phone number of the user?", "555-0142", "t5")))]),
+        "notetaker": Rules(responses=["none"], rules=[
+            ("two-year-old beagle", lines("The user's dog is called Biscuit.",
+                                          "The user's dog is a two-year-old beagle.")),
+            ("Tidewater Labs", lines("The user works at Tidewater Labs.",
+                                     "The user lives in Porto.")),
+            ("555-0142", lines("The user's birthday is on 14 March.",
+                               "The user's phone number is 555-0142.")),
+            ("answers short", lines("The user wants the assistant to keep answers short.")),
+            ("green tea", lines("The user prefers green tea to coffee.")),
+            ("Lisbon", lines("The user lives in Lisbon.")),
+            ("", "none")]),
+        "dreamer": Rules(responses=["none"], rules=[
+            ("called Biscuit", "Q: What's my dog called?\nQ: What is my dog's name?\n"
+                               "N: Who owned Snoopy?"),
+            ("beagle", "Q: What breed is my dog?\nN: Where do beagles come from?"),
+            ("Tidewater", "Q: Where do I work?\nQ: Which company do I work for?"),
+            ("lives in", "Q: Where do I live?\nQ: In which city do I live?"),
+            ("birthday", "Q: When is my birthday?\nN: What is a birthday?"),
+            ("answers", "Q: How short should your answers to me be?"),
+            ("green tea", "Q: Which do I prefer, green tea or coffee?"),
+            ("", "none")]),
+        "verifier": Rules(responses=["{}"], rules=[("works at Tidewater Labs", judged(False)),
+                                                   ("", judged(True))]),
+        "reshaper": Rules(responses=["none"], rules=[
+            ("", lines("The user works as a data engineer at Tidewater Labs."))]),
         "persona": Rules(responses=["{}"], rules=[
             ("coffee", json.dumps({"keep": False, "note": "not about who I am", "reinforce": []})),
             ("", json.dumps({"keep": True, "note": "about the user", "reinforce": []}))]),
@@ -710,8 +712,8 @@ def main(argv=None) -> int:
     p.add_argument("--fake", action="store_true",
                    help="fake agents and the forge on a tiny random llama (exact comparison)")
     p.add_argument("--work", type=Path, default=Path("/tmp/reverie-crash-night"))
-    p.add_argument("--max-candidates", type=int,
-                   help="night.max_candidates (default 2; with --fake 4, the fake dreamer's most)")
+    p.add_argument("--max-notes", type=int,
+                   help="night.max_notes (default 2: the shipped models; with --fake 8)")
     p.add_argument("--reshape-rounds", type=int, default=1, help="night.reshape_rounds")
     p.add_argument("--promote", action="store_true",
                    help="a gate that always promotes (forge thresholds at their loosest), so "
@@ -732,8 +734,8 @@ def main(argv=None) -> int:
     shutil.rmtree(a.work / "crashed", ignore_errors=True)
     a.work.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("REVERIE_TEST_CACHE", REPO / "data" / "models" / "cache"))
-    max_candidates = a.max_candidates or (4 if a.fake else 2)
-    overrides = {"night": {"max_candidates": max_candidates,
+    max_notes = a.max_notes or (8 if a.fake else 2)
+    overrides = {"night": {"max_notes": max_notes,
                            "reshape_rounds": a.reshape_rounds},
                  "forge": {"enabled": True, **(LOOSE_GATE if a.promote else {})},
                  "models": {"cache_dir": str(cache)}}

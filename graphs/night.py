@@ -1,13 +1,14 @@
 """The night: a LangGraph graph from the day's sessions to verified memories.
 
-    gather ─▶ revisit ─▶ route ─▶ dream ×(session windows × bursts) ─▶ triage ◀───────────┐
-                                                                        │                 │
-                        pending ─▶ verify ──────────────────────────────┼─────────────────┤
-                        failed (round < K) ─▶ reshape ──────────────────┼─────────────────┤
-                        passed ─▶ consult (persona) ────────────────────┘─────────────────┘
+    gather ─▶ revisit ─▶ route ─▶ read ×(user turns: the note-taker) ─▶ triage ◀──────────┐
+                                                                            │             │
+                        pending (a note) ─▶ verify ─────────────────────────┼─────────────┤
+                        failed (round < K) ─▶ reshape ──────────────────────┼─────────────┤
+                        passed ─▶ dream (the dreamer, then the dream check) ┼─────────────┤
+                        dreamt ─▶ consult (persona) ────────────────────────┘─────────────┘
                         nothing left ─▶ consolidate ─▶ park ─▶ handoff ─▶ learn (forge) ─▶ END
 
-Independent agent calls fan out with ``Send`` (a :class:`DreamTask` or :class:`ReviewTask`
+Independent agent calls fan out with ``Send`` (a :class:`ReadTask` or :class:`ReviewTask`
 each) so the local model batches them. The state holds pydantic records (sessions,
 candidates, forget requests, parked thoughts, the consolidation's and the subconscious'
 outcomes), checkpointed after every step by LangGraph's SQLite checkpointer, which revives
@@ -40,7 +41,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import Send
 from pydantic import BaseModel, Field
 
-from reverie.agents.dreamer import Dreamer, windows
+from reverie.agents.dreamer import Dreamer
+from reverie.agents.notetaker import NoteTaker
 from reverie.agents.persona import PersonaConsultant
 from reverie.agents.reshaper import Reshaper
 from reverie.agents.router import forget_requests, verbatim_chunks
@@ -50,7 +52,8 @@ from reverie.memory.daylog import DayLog
 from reverie.memory.diary import Diary, DiaryStep
 from reverie.memory.facts import FactStore, MemoryIndex
 from reverie.memory.identity import Identity
-from reverie.memory.manage import claim_edits, forget_memory, is_user_edit, memories_like
+from reverie.memory.manage import (asks_to_forget, claim_edits, forget_memory, is_user_edit,
+                                   memories_like)
 from reverie.memory.records import Candidate, ForgetRequest, Memory, ParkedThought, Session, now
 from reverie.memory.store import MemoryStore
 from reverie.prompts import ChatFrame
@@ -89,17 +92,19 @@ class Subconscious(BaseModel):
     kept: list[str] = Field(default_factory=list)
 
 
-class DreamTask(BaseModel):
-    """One dreamer call: window ``window`` of ``session``, burst ``burst``."""
+class ReadTask(BaseModel):
+    """One note-taker call: user turn ``turn_id`` of ``session``; ``forget``: the user's
+    requests to forget (tonight's), which its notes are checked against at once."""
 
     night_id: str
     session: Session
-    window: int
-    burst: int
+    turn_id: str
+    forget: list[ForgetRequest] = Field(default_factory=list)
 
 
 class ReviewTask(BaseModel):
-    """One verify, reshape or consult call on ``candidate``, read against its ``session``."""
+    """One verify, reshape, dream or consult call on ``candidate``, read against its
+    ``session``."""
 
     night_id: str
     candidate: Candidate
@@ -117,7 +122,7 @@ class NightState(TypedDict, total=False):
     parked: list[ParkedThought]              # revisit: tonight's users' parked thoughts
     forget: list[ForgetRequest]              # route
     routed_chunks: Annotated[int, operator.add]
-    candidates: Annotated[dict[str, Candidate], merge]  # dream, revisit, verify, reshape, consult
+    candidates: Annotated[dict[str, Candidate], merge]  # read, revisit, verify, reshape, dream, consult
     consolidation: Consolidation             # consolidate
     subconscious: Subconscious               # park
     training_set: str                        # handoff: the hand-off file
@@ -126,7 +131,7 @@ class NightState(TypedDict, total=False):
 
 # The classes the checkpointer may revive (its msgpack allowlist).
 STATE_RECORDS = (Session, Candidate, ForgetRequest, ParkedThought, Consolidation, Subconscious,
-                 DreamTask, ReviewTask)
+                 ReadTask, ReviewTask)
 
 
 @dataclass
@@ -134,6 +139,7 @@ class NightDeps:
     """What the nodes use (not checkpointed): agents, stores, the diary."""
 
     night: Any  # NightConfig
+    notetaker: NoteTaker
     dreamer: Dreamer
     verifier: Verifier
     reshaper: Reshaper
@@ -196,7 +202,8 @@ def revisit(state: NightState, runtime: Runtime[NightDeps]) -> dict:
             cites = [m.turn_id for m in session.messages if m.turn_id in {t for _, t in best}]
             c = Candidate(id=f"{p.id}@{night_id}", night_id=night_id, user_id=user,
                           session_id=session.session_id, kind=p.kind, question=p.question,
-                          answer=p.answer, phrasings=p.phrasings, text=p.text, cites=cites,
+                          answer=p.answer, phrasings=p.phrasings, neighbours=p.neighbours,
+                          text=p.text, cites=cites,
                           revives=p.id, history=[{"agent": "subconscious", "parked_id": p.id,
                                                   "parked_in": p.night_id,
                                                   "nights_seen": p.nights_seen,
@@ -231,30 +238,39 @@ def route(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     return {"routed_chunks": routed, "forget": forget}
 
 
-def fan_out_dreams(state: NightState, runtime: Runtime[NightDeps]) -> list[Send] | Literal["triage"]:
-    """A :class:`DreamTask` per session window and burst, or on to triage (no sessions)."""
-    night = runtime.context.night
-    sends = [Send("dream", DreamTask(night_id=state["night_id"], session=session, window=w,
-                                     burst=b))
-             for session in state["sessions"]
-             for w in range(len(windows(session, night.window_turns)))
-             for b in range(night.dream_bursts)]
+def fan_out_reads(state: NightState) -> list[Send] | Literal["triage"]:
+    """A :class:`ReadTask` per user turn of every session (a turn asking to forget is not
+    read: it says what not to remember), or on to triage (no sessions)."""
+    sends, forget = [], state.get("forget", [])
+    for session in state["sessions"]:
+        asks = {r.turn_id for r in forget if r.session_id == session.session_id}
+        mine = [r for r in forget if r.user_id == session.user_id]
+        sends += [Send("read", ReadTask(night_id=state["night_id"], session=session,
+                                        turn_id=m.turn_id, forget=mine))
+                  for m in session.messages if m.role == "user" and m.turn_id not in asks]
     return sends or "triage"
 
 
-async def dream(task: DreamTask, runtime: Runtime[NightDeps]) -> dict:
-    """The dreamer on one window: its candidates (``pending``) into ``candidates``."""
+async def read(task: ReadTask, runtime: Runtime[NightDeps]) -> dict:
+    """The note-taker on one user turn: its notes (``pending`` candidates) into
+    ``candidates``; a note that one of the user's forget requests means is ``rejected`` at
+    once (never verified, dreamed on, kept or parked)."""
     deps, session = runtime.context, task.session
-    window = windows(session, deps.night.window_turns)[task.window]
-    prefix = f"{session.session_id}:w{task.window}:b{task.burst}"
-    if (done := replayed(deps, f"dream:{prefix}")) is not None:
+    step_id = f"read:{session.session_id}:{task.turn_id}"
+    if (done := replayed(deps, step_id)) is not None:
         return done
-    candidates, result = await deps.dreamer.dream(session, window, task.night_id, prefix)
-    deps.diary.record(DiaryStep(step_id=f"dream:{prefix}", night_id=task.night_id,
-                                agent="dreamer", session_id=session.session_id,
-                                verdict=f"{len(candidates)} candidates", **result.diary_fields(),
-                                produced=produced(candidates)))
-    return {"candidates": {c.id: c for c in candidates}}
+    notes, result = await deps.notetaker.read(session, task.turn_id, task.night_id)
+    for i, c in enumerate(notes):
+        if hit := forget_hit(task.forget, c, deps):
+            why = f"the user asked to forget: {hit.text}"
+            notes[i] = c.model_copy(update={"status": "rejected", "reasons": [why],
+                                            "history": c.history + [{"agent": "forget",
+                                                                     "reason": why}]})
+    deps.diary.record(DiaryStep(step_id=step_id, night_id=task.night_id, agent="notetaker",
+                                session_id=session.session_id,
+                                verdict=f"{len(notes)} note{'s' * (len(notes) != 1)}",
+                                **result.diary_fields(), produced=produced(notes)))
+    return {"candidates": {c.id: c for c in notes}}
 
 
 def replayed(deps: NightDeps, step_id: str) -> Optional[dict]:
@@ -278,12 +294,13 @@ def triage(state: NightState) -> dict:
 
 
 # Which node takes a candidate in each status (the others are settled).
-REVIEW = {"pending": "verify", "failed": "reshape", "passed": "consult"}
+REVIEW = {"pending": "verify", "failed": "reshape", "passed": "dream", "dreamt": "consult"}
 
 
 def next_work(state: NightState) -> list[Send] | Literal["consolidate"]:
     """A :class:`ReviewTask` per unsettled candidate: verify the pending, reshape the
-    failed, consult on the passed; when every candidate is settled, consolidate."""
+    failed, dream on the passed, consult on the dreamt; when every candidate is settled,
+    consolidate."""
     sessions = {s.session_id: s for s in state.get("sessions", [])}
     sends = [Send(REVIEW[c.status], ReviewTask(night_id=state["night_id"], candidate=c,
                                                session=sessions[c.session_id]))
@@ -318,6 +335,33 @@ async def reshape(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
         candidate_id=after.id, session_id=after.session_id, round=before.round,
         verdict="reshaped" if after.status == "pending" else after.status,
         reasons=before.reasons, **result.diary_fields(), produced=produced([after])))
+    return {"candidates": {after.id: after}}
+
+
+async def dream(task: ReviewTask, runtime: Runtime[NightDeps]) -> dict:
+    """The dreamer on a verified note (``night.dream_bursts`` calls), then the verifier's
+    check of what it wrote: ``dreamt`` with the phrasings and neighbour questions that fit
+    the note, or ``rejected`` when no question is left."""
+    deps, before = runtime.context, task.candidate
+    step_id = f"dream:{before.id}:{before.round}"
+    if (done := replayed(deps, step_id)) is not None:
+        return done
+    dreamt, calls = await deps.dreamer.dream(before)
+    for burst, result in enumerate(calls):
+        deps.diary.record(DiaryStep(
+            step_id=f"{step_id}:b{burst}", night_id=task.night_id, agent="dreamer",
+            candidate_id=before.id, session_id=before.session_id, round=before.round,
+            verdict=f"{sum(map(len, (result.parsed or {}).values()))} lines",
+            **result.diary_fields()))
+    after = deps.verifier.check_dream(dreamt)
+    check = after.history[-1]
+    deps.diary.record(DiaryStep(
+        step_id=step_id, night_id=task.night_id, agent="verifier", candidate_id=after.id,
+        session_id=after.session_id, round=before.round, verdict=after.status,
+        reasons=after.reasons[len(before.reasons):], checks=check["dropped"],
+        parsed={"question": after.question, "answer": after.answer,
+                "phrasings": after.phrasings, "neighbours": after.neighbours},
+        produced=produced([after])))
     return {"candidates": {after.id: after}}
 
 
@@ -414,7 +458,7 @@ def _consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
                 ops.revived[c.id] = noted[seen]
             log("duplicate", noted[seen], c.statement(), [f"same as {noted[seen]}"], c)
             continue
-        hit = forget_hit(forget, c.user_id, c.statement(), deps)
+        hit = forget_hit(forget, c, deps)
         if hit:
             ops.dropped.append(memory.id)
             log("dropped", memory.id, c.statement(), [f"the user asked to forget: {hit.text}"], c)
@@ -481,7 +525,7 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     for p in state.get("parked", []):
         c = revisits.get(p.id)
         fields = {"candidate_id": c.id, "session_id": c.session_id} if c else {}
-        if hit := forget_hit(forget, p.user_id, p.statement(), deps):
+        if hit := forget_hit(forget, p, deps):
             deps.store.remove_parked(p.id)
             log("forgotten", p, [f"the user asked to forget: {hit.text}"], **fields)
         elif c and c.status == "approved":
@@ -518,12 +562,13 @@ def park(state: NightState, runtime: Runtime[NightDeps]) -> dict:
         if c.revives or c.status not in ("rejected", "vetoed") or known(c):
             continue
         key = (c.user_id, c.kind, _norm(c.statement()))
-        if key in taken or forget_hit(forget, c.user_id, c.statement(), deps):
+        if key in taken or forget_hit(forget, c, deps):
             continue
         taken.add(key)
         p = ParkedThought(id=parked_id(c.id), user_id=c.user_id, candidate_id=c.id, kind=c.kind,
                           question=c.question, answer=c.answer, phrasings=c.phrasings,
-                          text=c.text, reasons=c.reasons, night_id=night_id,
+                          neighbours=c.neighbours, text=c.text, reasons=c.reasons,
+                          night_id=night_id,
                           source_session=c.session_id, source_turns=c.cites,
                           last_night=night_id, expires_after=night.park_nights,
                           history=[{"at": now().isoformat(), "reason": f"{c.status} in night "
@@ -602,12 +647,13 @@ def memory_id(candidate_id: str) -> str:
     return "mem-" + hashlib.sha1(candidate_id.encode()).hexdigest()[:12]
 
 
-def forget_hit(forget: list[ForgetRequest], user_id: str, text: str,
-               deps: NightDeps) -> Optional[ForgetRequest]:
-    """The user's forget request ``text`` is like (embedding similarity at least
-    ``night.forget_similarity``), if any."""
-    return next((r for r in forget if r.user_id == user_id and
-                 deps.similarity(r.target, text) >= deps.night.forget_similarity), None)
+def forget_hit(forget: list[ForgetRequest], record, deps: NightDeps) -> Optional[ForgetRequest]:
+    """The forget request of ``record``'s user that means it, if any: one of its texts
+    (note, question, answer, phrasings) carries the request's numbers or names, or is at
+    least ``night.forget_similarity`` like it (:func:`reverie.memory.manage.asks_to_forget`)."""
+    return next((r for r in forget if r.user_id == record.user_id and
+                 asks_to_forget(r.target, record, deps.similarity,
+                                deps.night.forget_similarity)), None)
 
 
 def parked_id(candidate_id: str) -> str:
@@ -630,7 +676,8 @@ def to_memory(c: Candidate) -> Memory:
         history.append({"at": at, "reason": revived_note(c), "status": "verified",
                         "parked": c.revives})
     return Memory(id=memory_id(c.id), user_id=c.user_id, kind=c.kind, text=c.text,
-                  question=c.question, answer=c.answer, phrasings=c.phrasings, scores=c.scores,
+                  question=c.question, answer=c.answer, phrasings=c.phrasings,
+                  neighbours=c.neighbours, scores=c.scores,
                   status="verified", source_session=c.session_id, source_turns=c.cites,
                   night_id=c.night_id, history=history)
 
@@ -680,19 +727,19 @@ def decide(memory: Memory, deps: NightDeps) -> tuple[str, str]:
 def build_graph() -> StateGraph:
     """The night's graph (uncompiled): compile it with a checkpointer to run."""
     g = StateGraph(NightState, context_schema=NightDeps)
-    for node in (gather, revisit, route, dream, triage, verify, reshape, consult, consolidate,
-                 park, handoff, learn):
+    for node in (gather, revisit, route, read, triage, verify, reshape, dream, consult,
+                 consolidate, park, handoff, learn):
         g.add_node(node)  # named after its function
 
     g.add_edge(START, "gather")
     g.add_edge("gather", "revisit")
     g.add_edge("revisit", "route")
-    g.add_conditional_edges("route", fan_out_dreams, ["dream", "triage"])
-    g.add_edge("dream", "triage")
-    g.add_conditional_edges("triage", next_work, ["verify", "reshape", "consult", "consolidate"])
-    g.add_edge("verify", "triage")
-    g.add_edge("reshape", "triage")
-    g.add_edge("consult", "triage")
+    g.add_conditional_edges("route", fan_out_reads, ["read", "triage"])
+    g.add_edge("read", "triage")
+    g.add_conditional_edges("triage", next_work,
+                            ["verify", "reshape", "dream", "consult", "consolidate"])
+    for node in ("verify", "reshape", "dream", "consult"):
+        g.add_edge(node, "triage")
     g.add_edge("consolidate", "park")
     g.add_edge("park", "handoff")
     g.add_edge("handoff", "learn")

@@ -14,6 +14,8 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from reverie.agents.dreamer import Dreamer
 from reverie.agents.dreamer import VARIABLES as DREAMER_VARS
+from reverie.agents.notetaker import VARIABLES as NOTETAKER_VARS
+from reverie.agents.notetaker import NoteTaker
 from reverie.agents.persona import VARIABLES as PERSONA_VARS
 from reverie.agents.persona import PersonaConsultant
 from reverie.agents.reshaper import VARIABLES as RESHAPER_VARS
@@ -34,7 +36,7 @@ from reverie.locks import holds_night_lock
 from reverie.training.dataset import unlearn_answer
 
 # Which prompt each agent uses and the variables it fills in (``reverie prompts`` shows them).
-AGENT_PROMPTS = {"dreamer": DREAMER_VARS, "verifier": VERIFIER_VARS,
+AGENT_PROMPTS = {"notetaker": NOTETAKER_VARS, "dreamer": DREAMER_VARS, "verifier": VERIFIER_VARS,
                  "reshaper": RESHAPER_VARS, "persona": PERSONA_VARS}
 
 
@@ -44,8 +46,8 @@ class NightError(RuntimeError):
 
 def build_deps(settings: Settings, night_id: str, models: dict, embedder,
                learner=None) -> NightDeps:
-    """The graph's dependencies. ``models`` maps each role (dreamer, verifier, reshaper,
-    persona) to a LangChain chat model; ``embedder`` has ``embed(texts) -> (n, d)`` unit rows."""
+    """The graph's dependencies. ``models`` maps each role (notetaker, dreamer, verifier,
+    reshaper, persona) to a LangChain chat model; ``embedder`` has ``embed(texts) -> (n, d)`` unit rows."""
     from reverie.runtime.embeddings import MiniLMEmbeddingFunction
 
     paths, night = settings.paths, settings.night
@@ -69,6 +71,7 @@ def build_deps(settings: Settings, night_id: str, models: dict, embedder,
     identity = load_identity(identity_file)
     return NightDeps(
         night=night,
+        notetaker=NoteTaker(models["notetaker"], prompt("notetaker"), night, attempts),
         dreamer=Dreamer(models["dreamer"], prompt("dreamer"), night, attempts),
         verifier=Verifier(models["verifier"], prompt("verifier"), night, novelty, attempts),
         reshaper=Reshaper(models["reshaper"], prompt("reshaper"), night, attempts),
@@ -118,7 +121,7 @@ async def run_night(settings: Settings, models: dict | None = None, embedder=Non
             unfinished; ``resume`` re-aligns the memory index and finishes it).
     """
     models = dict(models or {})
-    for role in ("dreamer", "verifier", "reshaper", "persona"):
+    for role in ("notetaker", "dreamer", "verifier", "reshaper", "persona"):
         if role not in models:
             models[role] = runtime.chat_model(role)
     embedder = embedder or runtime.embedder()

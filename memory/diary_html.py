@@ -28,10 +28,11 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 NIGHT = "night"  # the thread of the steps tied to no candidate
 
 # Where a step sits in a candidate's life, for steps recorded in the same instant.
-_STAGE = {"subconscious": 0, "dreamer": 1, "verifier": 2, "reshaper": 3, "persona": 4,
-          "consolidate": 5}
+_STAGE = {"subconscious": 0, "notetaker": 1, "verifier": 2, "reshaper": 3, "dreamer": 4,
+          "persona": 5, "consolidate": 6}
 # The agents in the order a night runs them (others follow, by name).
-AGENTS = ["gather", "subconscious", "router", "dreamer", "verifier", "reshaper", "persona",
+AGENTS = ["gather", "subconscious", "router", "notetaker", "verifier", "reshaper", "dreamer",
+          "persona",
           "consolidate", "handoff", "forge"]
 # Outcomes in the filter's order; a candidate's first outcome is its main one.
 OUTCOMES = ["kept", "duplicate", "dropped", "approved", "rejected", "vetoed", "unsettled",
@@ -116,10 +117,26 @@ def _draft(dream: DiaryStep, n: Optional[int], mine: list[DiaryStep]) -> Optiona
 
 
 def _say(draft: dict) -> str:
-    """One line for a draft: its statement, else its question and answer."""
-    if draft.get("statement"):
-        return str(draft["statement"])
-    return " — ".join(str(draft[k]) for k in ("question", "answer") if draft.get(k))
+    """One line for a draft or a candidate: the note first (its statement or text), then
+    its question and answer ("The user's dog is called Biscuit. — What's my dog called?
+    → Your dog is called Biscuit.")."""
+    note = str(draft.get("statement") or draft.get("text") or "")
+    qa = " → ".join(str(draft[k]) for k in ("question", "answer") if draft.get(k))
+    return " — ".join(x for x in (note, qa) if x)
+
+
+def _split_note(candidate_id: str) -> tuple[str, Optional[int]]:
+    """``(read prefix, note number)`` of a note's candidate id ``<session>:<turn>:n<k>``."""
+    prefix, _, n = candidate_id.rpartition(":n")
+    return (prefix, int(n)) if prefix and n.isdigit() else ("", None)
+
+
+def _latest(mine: list[DiaryStep]) -> Optional[dict]:
+    """The candidate as the last of its steps left it (a step's ``produced``)."""
+    for s in reversed(mine):
+        if isinstance(s.produced, list) and s.produced and isinstance(s.produced[-1], dict):
+            return s.produced[-1]
+    return None
 
 
 def _outcomes(steps: list[DiaryStep]) -> list[str]:
@@ -171,12 +188,14 @@ def threads(steps: list[DiaryStep]) -> list[Thread]:
     ordered = sorted(steps, key=lambda s: s.at)  # stable: the file's order breaks ties
     ids = list(dict.fromkeys(s.candidate_id for s in ordered if s.candidate_id))
     by_memory = {memory_id_of(c): c for c in ids}
+    # a window's dream (older diaries) and a turn's reading produce several candidates
     dreams = {s.step_id.removeprefix("dream:"): s for s in ordered
-              if s.agent == "dreamer" and s.step_id.startswith("dream:")}
+              if s.agent == "dreamer" and s.step_id.startswith("dream:") and not s.candidate_id}
+    reads = {s.step_id.removeprefix("read:"): s for s in ordered if s.agent == "notetaker"}
     owned: dict[str, list[DiaryStep]] = {c: [] for c in ids}
     night, used_dreams = [], set()
     for s in ordered:
-        if s.agent == "dreamer" and s.step_id.startswith("dream:"):
+        if s.agent in ("dreamer", "notetaker") and not s.candidate_id:
             continue  # placed below, beside each candidate it produced
         owner = s.candidate_id or (by_memory.get(s.memory_id, "") if s.agent == "consolidate"
                                    and s.verdict in ("add", "supersede", "dropped") else "")
@@ -191,10 +210,16 @@ def threads(steps: list[DiaryStep]) -> list[Thread]:
         if dream is not None:
             used_dreams.add(dream.step_id)
             views.insert(0, _view(dream, draft))
+        read = reads.get(_split_note(c)[0])
+        if read is not None:
+            used_dreams.add(read.step_id)
+            views.insert(0, _view(read))
         revisit = next((s for s in mine if s.verdict == "revisit"), None)
-        title = _say(draft) if draft else (revisit.raw_output if revisit else "")
+        latest = _latest(mine)
+        title = (_say(latest) if latest else _say(draft) if draft else
+                 revisit.raw_output if revisit else "")
         out.append(Thread(candidate_id=c, steps=views, outcomes=_outcomes(mine), title=title))
-    night += [s for s in dreams.values() if s.step_id not in used_dreams]
+    night += [s for s in [*dreams.values(), *reads.values()] if s.step_id not in used_dreams]
     if night:
         out.append(Thread(candidate_id="", outcomes=[NIGHT], title="Steps tied to no candidate",
                           steps=[_view(s) for s in sorted(night, key=lambda s: s.at)]))

@@ -13,7 +13,8 @@ night: forget, edit, and the questions both ask of a memory (a user's edit? lear
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Callable, Iterable, Optional
 
 from reverie.memory.facts import MemoryIndex
 from reverie.memory.records import Memory, now
@@ -48,17 +49,69 @@ def forget_memory(store: MemoryStore, index: MemoryIndex, memory_id: str, reason
     return deleted
 
 
+_NUMBER = re.compile(r"\d[\d\s().+/-]*\d|\d")
+_NAME = re.compile(r"(?<=\s)[A-Z][\w'-]+")
+_PLAIN = frozenset("""I I'm I've I'd My Please Thanks Forget Remember You Your The It""".split())
+
+
+def forget_keys(target: str) -> set[str]:
+    """What a forget request names exactly: its numbers of three digits or more (digits
+    only: "555-0142" -> "5550142") and its capitalised words after the first ("my friend
+    Kenji" -> "kenji"), lower-cased. A memory that carries one of them is what the user
+    meant, however its sentence is phrased."""
+    numbers = {re.sub(r"\D", "", n) for n in _NUMBER.findall(target)}
+    names = {w.lower().removesuffix("'s") for w in _NAME.findall(f" {target}")
+             if w not in _PLAIN}
+    return {n for n in numbers if len(n) >= 3} | names
+
+
+def carries(texts: Iterable[str], keys: set[str]) -> bool:
+    """Whether any of ``texts`` holds one of :func:`forget_keys`' ``keys`` (numbers by
+    their digits, names as whole words)."""
+    for text in texts:
+        digits = {re.sub(r"\D", "", n) for n in _NUMBER.findall(text)}
+        words = {w.lower().removesuffix("'s") for w in re.findall(r"[\w'-]+", text)}
+        if keys & (digits | words):
+            return True
+    return False
+
+
+def texts_of(record) -> list[str]:
+    """Every text of a memory, candidate or parked thought: note, question, answer,
+    phrasings (what a forget request must find wherever it is said)."""
+    return [t for t in (record.text, record.question, record.answer, *record.phrasings) if t]
+
+
+def asks_to_forget(target: str, record, similarity: Callable[[str, str], float],
+                   min_similarity: float) -> float:
+    """How much "forget ``target``" means ``record``: 1.0 when one of its texts carries
+    the target's numbers or names (:func:`forget_keys`), else the highest similarity of
+    ``target`` to any of its texts at or above ``min_similarity``, else 0.0."""
+    texts = texts_of(record)
+    if carries(texts, forget_keys(target)):
+        return 1.0
+    best = max((similarity(target, t) for t in texts), default=0.0)
+    return best if best >= min_similarity else 0.0
+
+
 def memories_like(store: MemoryStore, index: MemoryIndex, user_id: str, text: str,
                   min_similarity: float, k: int = 10) -> list[tuple[Memory, float]]:
     """The user's current memories whose statement is at least ``min_similarity`` (cosine,
-    the ``night.forget_similarity`` scale) like ``text``, most similar first, at most ``k``:
-    what "forget ``text``" means."""
-    out = []
+    the ``night.forget_similarity`` scale) like ``text``, most similar first, at most ``k``,
+    and every one of them that carries the numbers or names ``text`` gives
+    (:func:`forget_keys`, with similarity 1.0): what "forget ``text``" means."""
+    out: dict[str, tuple[Memory, float]] = {}
+    keys = forget_keys(text)
+    if keys:
+        for memory in store.list(user_id=user_id):
+            if carries(texts_of(memory), keys):
+                out[memory.id] = (memory, 1.0)
     for memory_id, similarity in index.nearest(text, user_id, k=k):
         memory = store.get(memory_id)
-        if memory is not None and memory.user_id == user_id and similarity >= min_similarity:
-            out.append((memory, similarity))
-    return out
+        if (memory is not None and memory.user_id == user_id and similarity >= min_similarity
+                and memory_id not in out):
+            out[memory_id] = (memory, similarity)
+    return sorted(out.values(), key=lambda x: -x[1])
 
 
 def is_user_edit(memory: Memory) -> bool:
@@ -145,5 +198,5 @@ def claim_edits(store: MemoryStore, user_id: Optional[str], night_id: str) -> li
     return out
 
 
-__all__ = ["USER_EDIT", "claim_edits", "edit_memory", "forget_memory", "is_user_edit",
-           "memories_like"]
+__all__ = ["USER_EDIT", "asks_to_forget", "carries", "claim_edits", "edit_memory",
+           "forget_keys", "forget_memory", "is_user_edit", "memories_like", "texts_of"]

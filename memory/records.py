@@ -152,15 +152,19 @@ class Scores(BaseModel):
 
 
 class MemoryContent(BaseModel):
-    """What a memory says, whatever stage it is at (candidate, memory, parked thought): a
-    fact as ``question`` and ``answer`` with ``phrasings`` of the question, or a preference
-    or rule as the ``text`` statement."""
+    """What a memory says, whatever stage it is at (candidate, memory, parked thought): the
+    note-taker's ``text`` ("The user's dog is called Biscuit."), then the dreamer's
+    ``question`` in the user's voice, the ``answer`` said to the user ("Your dog is called
+    Biscuit."), more ``phrasings`` of the question, and ``neighbours``: general questions
+    near the fact that are not about the user (the forge keeps their answers as they were).
+    A memory from before notes (or a user's edit) may have a question and answer alone."""
 
     kind: MemoryKind
     question: Text = ""
     answer: Text = ""
     phrasings: list[Text] = Field(default_factory=list)
     text: Text = ""
+    neighbours: list[Text] = Field(default_factory=list)
 
     def statement(self) -> str:
         """One line for prompts, embeddings and the diary."""
@@ -196,7 +200,8 @@ class Memory(MemoryContent):
     history: list[dict] = Field(default_factory=list)
 
 
-CandidateStatus = Literal["pending", "failed", "passed", "rejected", "approved", "vetoed"]
+CandidateStatus = Literal["pending", "failed", "passed", "dreamt", "rejected", "approved",
+                          "vetoed"]
 
 
 class IdentityItem(BaseModel):
@@ -207,11 +212,12 @@ class IdentityItem(BaseModel):
 
 
 class Candidate(MemoryContent):
-    """A candidate memory moving through the night.
+    """A candidate memory moving through the night: a note on one user turn, then its dream.
 
-    ``status``: ``pending`` (to verify) -> ``passed`` | ``failed`` (to reshape, while
-    ``round`` < the configured rounds) | ``rejected``; then the persona consultant makes a
-    passed one ``approved`` or ``vetoed``. ``history`` keeps every version and verdict.
+    ``status``: ``pending`` (the note, to verify) -> ``passed`` | ``failed`` (to reshape,
+    while ``round`` < the configured rounds) | ``rejected``; a passed note is dreamed on and
+    its dream checked: ``dreamt`` (or ``rejected``: no question left); then the persona
+    consultant makes a dreamt one ``approved`` or ``vetoed``. ``history`` keeps every version and verdict.
     ``revives`` is the id of the :class:`ParkedThought` a revisited candidate came from."""
 
     id: str
@@ -231,8 +237,9 @@ class Candidate(MemoryContent):
 
     def content(self) -> dict:
         """The memory's content alone (what the reshaper rewrites)."""
-        return {"kind": self.kind, "question": self.question, "answer": self.answer,
-                "phrasings": self.phrasings, "statement": self.text, "turns": self.cites}
+        return {"kind": self.kind, "statement": self.text, "question": self.question,
+                "answer": self.answer, "phrasings": self.phrasings,
+                "neighbours": self.neighbours, "turns": self.cites}
 
 
 class ForgetRequest(BaseModel):

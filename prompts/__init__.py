@@ -1,4 +1,5 @@
-"""Agent prompts as data files (YAML: ``system`` and ``user`` templates with ``{variables}``).
+"""Agent prompts as data files (YAML: ``system`` and ``user`` templates with ``{variables}``,
+and optionally ``examples``: worked examples as literal user/assistant turns between them).
 
 A user customises an agent by copying its file into the folder named by ``prompts.dir`` in
 ``config.yaml`` and editing it; :func:`load_prompt` prefers that copy, and checks that it
@@ -85,8 +86,32 @@ def load_prompt(name: str, required: set[str] | frozenset[str] = frozenset(),
     if unknown:
         raise PromptError(f"{source.path}: unknown variable(s) {', '.join(sorted(unknown))}; "
                           f"the {name} agent fills in only {', '.join(sorted(required))}")
-    messages = ([("system", system)] if system else []) + [("user", data["user"])]
-    return ChatPromptTemplate.from_messages(messages)
+    messages = ([("system", system)] if system else []) + examples(data, source.path)
+    return ChatPromptTemplate.from_messages(messages + [("user", data["user"])])
+
+
+def examples(data: dict, path: Path) -> list:
+    """A prompt file's ``examples`` (a list of ``{user, assistant}`` mappings) as literal
+    langchain-core messages: worked examples shown as earlier turns of the conversation,
+    which a small model follows more closely than examples described in the instructions.
+    Their text is not a template (braces are kept as written).
+
+    Raises:
+        PromptError: ``examples`` is not a list of mappings with ``user`` and ``assistant``
+            strings (names the file and the example's number, from 1).
+    """
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    items = data.get("examples") or []
+    if not isinstance(items, list):
+        raise PromptError(f"{path}: 'examples' must be a list of {{user, assistant}} mappings")
+    out = []
+    for n, item in enumerate(items, 1):
+        if not (isinstance(item, dict) and isinstance(item.get("user"), str)
+                and isinstance(item.get("assistant"), str)):
+            raise PromptError(f"{path}: example {n} needs 'user' and 'assistant' strings")
+        out += [HumanMessage(item["user"]), AIMessage(item["assistant"])]
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydantic import (AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError,
 
 from reverie.paths import Paths
 
-ROLES = ("dreamer", "verifier", "reshaper", "persona", "student")
+ROLES = ("notetaker", "dreamer", "verifier", "reshaper", "persona", "student")
 
 
 class _Strict(BaseModel):
@@ -99,12 +99,13 @@ class RoleConfig(_Strict):
 
 
 # The roles that read the day's text at night and run on the heavier sleep model.
-SLEEP_ROLES = ("dreamer", "verifier", "reshaper")
+SLEEP_ROLES = ("notetaker", "dreamer", "verifier", "reshaper")
 
 
 def _default_roles() -> dict[str, RoleConfig]:
     return {
-        "dreamer": RoleConfig(temperature=1.0, top_p=1.0, min_p=0.1, max_tokens=512),
+        "notetaker": RoleConfig(temperature=0.0, max_tokens=160),
+        "dreamer": RoleConfig(temperature=0.8, top_p=1.0, min_p=0.1, max_tokens=200),
         "verifier": RoleConfig(temperature=0.0, max_tokens=96),
         "reshaper": RoleConfig(temperature=0.5, top_p=0.9, max_tokens=192),
         "persona": RoleConfig(temperature=0.2, max_tokens=256),
@@ -118,15 +119,33 @@ class StructuredConfig(_Strict):
     attempts: int = Field(3, ge=1)
 
 
-class NightConfig(_Strict):
-    """The night's agents: how much they dream, how strictly they verify."""
+# Keys of the night's old reader (one JSON object of memories per window of turns), and
+# what replaced them: an old config is told, not silently ignored.
+RETIRED_NIGHT_KEYS = {
+    "window_turns": "notes are taken per user turn (night.note_context_turns)",
+    "max_candidates": "notes per turn are capped by night.max_notes",
+    "phrasings": "the dreamer writes phrasings per note (night.max_phrasings)",
+    "extractive_answers": "answers are the verified note said to the user",
+}
 
-    dream_bursts: int = Field(1, ge=1)
-    window_turns: int = Field(6, ge=2)
-    max_candidates: int = Field(4, ge=1, le=16)
-    phrasings: int = Field(1, ge=1, le=8)
+
+class NightConfig(_Strict):
+    """The night's agents: how much they read and dream, how strictly they verify."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data):
+        for old, why in RETIRED_NIGHT_KEYS.items():
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"night.{old} was retired: {why}")
+        return data
+
+    note_context_turns: int = Field(2, ge=0, le=8)
+    max_notes: int = Field(8, ge=1, le=32)
+    dream_bursts: int = Field(2, ge=1)
+    max_phrasings: int = Field(12, ge=1, le=32)
+    neighbours: int = Field(5, ge=0, le=16)
     reshape_rounds: int = Field(2, ge=0)
-    extractive_answers: bool = True
     min_importance: float = Field(0.2, ge=0.0, le=1.0)
     min_novelty: float = Field(0.1, ge=0.0, le=1.0)
     duplicate_similarity: float = Field(0.92, ge=0.0, le=1.0)

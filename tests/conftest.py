@@ -119,3 +119,57 @@ def tiny_config(root: Path, tokenizer, model_cache: Path, roles: dict, **section
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# -- fake agents for the night (langchain-core's fake chat model, answering by content) ------
+
+from langchain_core.language_models.fake_chat_models import FakeListChatModel  # noqa: E402
+
+
+class Scripted(FakeListChatModel):
+    """A fake chat model that answers by what the last message says (for a note-taker's
+    prompt: the turn it reads, after "Message:", not the turns before it): the first
+    ``(substring, answer)`` of ``rules`` whose substring is in it, else ``default``. Safe
+    under the night's concurrency (no order assumed). Counts its calls and can fail on
+    chosen ones (``fail_on``: call numbers from 1)."""
+
+    responses: list = [""]
+    rules: list = []
+    default: str = "none"
+    calls: int = 0
+    fail_on: set = set()
+
+    def _call(self, messages, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError(f"injected crash on call {self.calls}")
+        text = str(messages[-1].content).rsplit("Message:", 1)[-1]
+        return next((answer for key, answer in self.rules if key in text), self.default)
+
+
+def notes(*lines: str) -> str:
+    """A note-taker's answer: one "- The user ..." line per note ("none" for none)."""
+    return "\n".join(f"- {line}" for line in lines) or "none"
+
+
+class NoteDreamer(FakeListChatModel):
+    """A fake dreamer: from the note in its prompt ("Note (fact): The user's dog is called
+    Biscuit.") it writes a question and a request in the user's voice that share the note's
+    words, and one neighbour question on a word of it; ``rules`` (substring of the note,
+    answer) override it. Counts its calls."""
+
+    responses: list = [""]
+    rules: list = []
+    calls: int = 0
+
+    def _call(self, messages, *args, **kwargs):
+        self.calls += 1
+        text = str(messages[-1].content)
+        for key, answer in self.rules:
+            if key in text:
+                return answer
+        note = text.split(":", 1)[-1].strip().rstrip(".")
+        rest = note.removeprefix("The user's ").removeprefix("The user ")
+        word = next((w for w in rest.split() if w.islower() and len(w) > 2), "thing")
+        return (f"Q: What do you know about my {rest}?\nS: Remind me: my {rest}.\n"
+                f"N: What is a {word}?")

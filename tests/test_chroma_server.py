@@ -28,7 +28,7 @@ from reverie.memory.facts import ChromaUnavailable, FactChunk, FactStore, Memory
 from reverie.memory.records import Memory, Message, Session
 from reverie.memory.store import MemoryStore
 
-from conftest import REPO
+from conftest import REPO, NoteDreamer
 
 CHROMA = Path(sys.executable).with_name("chroma")
 START_S = 60  # bounded wait for the server's heartbeat (it answers in ~1 s when idle)
@@ -310,15 +310,14 @@ def test_a_night_whose_server_drops_stops_clearly_and_resumes(tmp_path, model_ca
             started_at=datetime(2026, 11, 1, 9, tzinfo=timezone.utc), messages=[Message(turn_id="t1", role="user", content="My dog is called Biscuit. "
                               "His vet: https://vets.example/biscuit"),
                       Message(turn_id="t2", role="assistant", content="Noted!")])])
-        dream = json.dumps({"memories": [{
-            "kind": "fact", "question": "What is the user's dog called?", "answer": "Biscuit",
-            "phrasings": [], "statement": "", "turns": ["t1"]}]})
+        note = "- The user's dog is called Biscuit."
         judged = json.dumps({"grounded": True, "importance": 4, "utility": 4, "reason": "stated"})
         keep = json.dumps({"keep": True, "note": "", "reinforce": []})
 
         def models():
-            return {"dreamer": Fake(responses=[dream]), "verifier": Fake(responses=[judged]),
-                    "reshaper": Fake(responses=["{}"]), "persona": Fake(responses=[keep])}
+            return {"notetaker": Fake(responses=[note]), "dreamer": NoteDreamer(),
+                    "verifier": Fake(responses=[judged]),
+                    "reshaper": Fake(responses=["none"]), "persona": Fake(responses=[keep])}
 
         def drop_after_route(node, update):
             if node == "route":  # the facts are in; the verifier's novelty check is next

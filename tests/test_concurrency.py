@@ -111,7 +111,7 @@ def test_many_processes_and_threads_write_one_day_file_and_every_turn_is_kept(tm
 
 # -- nights -------------------------------------------------------------------------------
 
-NO_MEMORIES = json.dumps({"memories": []})
+NO_MEMORIES = "none"
 
 
 def _fakes():
@@ -120,8 +120,8 @@ def _fakes():
     return Fake, KEEP
 
 
-class Dreamer:
-    """A fake dreamer that records every prompt and can hold the night inside its first
+class Reader:
+    """A fake note-taker that records every prompt and can hold the night inside its first
     call until the test has done its concurrent work."""
 
     def __init__(self, responses=(NO_MEMORIES,), hold: bool = False):
@@ -142,10 +142,13 @@ class Dreamer:
         self.model = Recording(responses=list(responses))
 
 
-def _models(dreamer, verifier=None, persona=None):
+def _models(reader, verifier=None, persona=None, dreamer=None):
+    from conftest import NoteDreamer
+
     Fake, KEEP = _fakes()
-    return {"dreamer": dreamer.model, "verifier": verifier or Fake(responses=["{}"]),
-            "reshaper": Fake(responses=["{}"]), "persona": persona or Fake(responses=[KEEP])}
+    return {"notetaker": reader.model, "dreamer": dreamer or NoteDreamer(),
+            "verifier": verifier or Fake(responses=["{}"]),
+            "reshaper": Fake(responses=["none"]), "persona": persona or Fake(responses=[KEEP])}
 
 
 def _run(settings, embedder, models, **kw):
@@ -186,7 +189,6 @@ def settings(tmp_path, model_cache):
     s.models.cache_dir = model_cache
     s.night.dream_bursts = 1
     s.night.reshape_rounds = 0
-    s.night.window_turns = 40  # one dreamer call per session
     return s
 
 
@@ -201,18 +203,19 @@ def test_turns_written_while_a_night_runs_are_slept_by_the_next_night_once(setti
     log = DayLog(settings.paths.days)
     chat = _chat(log, None, "old one: my sister lives in Oslo.")
     chat = _chat(log, chat, "old two: she has a cat.")
-    dreamer = Dreamer(hold=True)
-    night = Background(settings, embedder, _models(dreamer))
-    assert dreamer.inside.wait(WAIT)  # the night has read the day and is dreaming
+    reader = Reader(hold=True)
+    night = Background(settings, embedder, _models(reader))
+    assert reader.inside.wait(WAIT)  # the night has gathered the day and is reading it
     # meanwhile: the chat goes on in its session, and another process (a server, an
     # ingest) writes the same user's day file
     chat = _chat(log, chat, "new three: I bought a bike.")
     chat = _chat(log, chat, "new four: it is red.")
     _spawn_writers(settings.paths.days, processes=2, threads=1, exchanges=2)
-    dreamer.go.set()
+    reader.go.set()
     first = night.result()
     assert first["sessions"] == 1
-    assert "old one" in dreamer.prompts[0] and "new three" not in dreamer.prompts[0]
+    assert "old" in reader.prompts[0]
+    assert not any("new three" in p for p in reader.prompts)
 
     # the next night reads exactly what the first did not: the chat's new turns (same
     # session, turn ids kept) and the other writers' sessions whole
@@ -221,18 +224,22 @@ def test_turns_written_while_a_night_runs_are_slept_by_the_next_night_once(setti
     written = {f"chat-p{p}-t0" for p in range(2)} | {f"imp-p{p}-t0-x{k}" for p in range(2)
                                                       for k in range(2)}
     assert set(left) == {chat.session_id} | written
-    second_dreamer = Dreamer()
-    second = _run(settings, embedder, _models(second_dreamer))
+    second_reader = Reader()
+    second = _run(settings, embedder, _models(second_reader))
     assert second["sessions"] == len(left)
-    prompts = "\n".join(second_dreamer.prompts)
+    prompts = "\n".join(second_reader.prompts)
     assert "new three" in prompts and "new four" in prompts and "chat p1-t0-x1" in prompts
     assert "old one" not in prompts and "old two" not in prompts  # nothing slept twice
-    assert len(second_dreamer.prompts) == len(left)  # one window per session
-    assert prompts.count("I bought a bike.") == 2  # the turn and its answer, once each
+    # one note-taker call per user turn, each turn read once (as the message; the next
+    # turn's prompt shows it again as context)
+    assert len(second_reader.prompts) == sum(m.role == "user" for s in left.values()
+                                               for m in s.messages)
+    read = [p.rsplit("Message:", 1)[-1] for p in second_reader.prompts]
+    assert sum("new three: I bought a bike." in r for r in read) == 1
 
     # and then nothing is left: a third night sleeps on no session
     assert log.unconsumed("ana") == []
-    assert _run(settings, embedder, _models(Dreamer()))["sessions"] == 0
+    assert _run(settings, embedder, _models(Reader()))["sessions"] == 0
     # a chat that goes on after that is read from its next turn
     chat = _chat(log, chat, "new five: I ride it to work.")
     (rest,) = log.unconsumed("ana")
@@ -243,14 +250,14 @@ def test_a_second_night_is_refused_with_the_holders_pid_and_no_traceback(setting
                                                                         tmp_path):
     log = DayLog(settings.paths.days)
     _chat(log, None, "my sister lives in Oslo.")
-    dreamer = Dreamer(hold=True)
-    night = Background(settings, embedder, _models(dreamer))
+    reader = Reader(hold=True)
+    night = Background(settings, embedder, _models(reader))
     try:
-        assert dreamer.inside.wait(WAIT)
+        assert reader.inside.wait(WAIT)
         nights_before = sorted(p.name for p in settings.paths.diary.iterdir())
         # in this process (as the chat's /sleep would)
         with pytest.raises(NightLocked) as refused:
-            _run(settings, embedder, _models(Dreamer()))
+            _run(settings, embedder, _models(Reader()))
         message = str(refused.value)
         assert f"another night (pid {os.getpid()}, started " in message
         assert str(settings.data_dir) in message and "wait for it" in message
@@ -265,7 +272,7 @@ def test_a_second_night_is_refused_with_the_holders_pid_and_no_traceback(setting
         # the refused nights wrote nothing
         assert sorted(p.name for p in settings.paths.diary.iterdir()) == nights_before
     finally:
-        dreamer.go.set()
+        reader.go.set()
     assert night.result()["sessions"] == 1
     assert night_holder(settings.data_dir) is None  # the holder record goes with the night
 
@@ -283,7 +290,7 @@ def test_a_lock_left_by_a_dead_night_is_taken_over_with_a_notice(settings, embed
         {"pid": dead, "host": socket.gethostname(), "started": "2026-11-02T03:00:01"}))
     (settings.data_dir / NIGHT_LOCK).write_text("")
     _chat(DayLog(settings.paths.days), None, "my sister lives in Oslo.")
-    summary = _run(settings, embedder, _models(Dreamer()))
+    summary = _run(settings, embedder, _models(Reader()))
     assert summary["sessions"] == 1
     err = capfd.readouterr().err
     assert f"notice: the previous night (pid {dead}, started 2026-11-02 03:00:01) ended " \
@@ -346,7 +353,8 @@ def test_store_and_index_agree_after_a_night_a_chat_and_a_forget_at_once(setting
     from reverie.memory.records import Memory
     from reverie.memory.store import MemoryStore
     from reverie.runtime.embeddings import MiniLMEmbeddingFunction
-    from test_night import fact, judgement
+    from conftest import NoteDreamer, notes
+    from test_night import judgement
 
     def index():
         return MemoryIndex(chromadb.PersistentClient(path=str(settings.paths.chroma)),
@@ -395,8 +403,10 @@ def test_store_and_index_agree_after_a_night_a_chat_and_a_forget_at_once(setting
     forgetting = threading.Thread(target=forget)
     forgetting.start()
     Fake, _ = _fakes()
-    dreamer = Dreamer(responses=[fact("What is the user's dog called?", "Rex", "t1")])
-    summary = _run(settings, embedder, _models(dreamer, Fake(responses=[judgement()])))
+    reader = Reader(responses=[notes("The user's dog is called Rex now.")])
+    summary = _run(settings, embedder, _models(
+        reader, Fake(responses=[judgement()]),
+        dreamer=NoteDreamer(rules=[("Rex", "Q: What is my dog called?")])))
     forgetting.join(WAIT)
     assert summary["superseded"] == 1 and summary["memories_added"] == 1
     # the forget waited for the night's change, then forgot every version (the new one too)

@@ -22,7 +22,8 @@ def test_shipped_config_is_the_defaults():
     shipped = load_settings(REPO / "config.yaml")
     defaults = Settings()
     assert shipped.data_dir == REPO / "data"
-    assert shipped.roles["dreamer"].temperature >= 1.0
+    # reading is greedy extraction; dreaming samples, so that its bursts differ
+    assert shipped.roles["notetaker"].temperature == 0.0 < shipped.roles["dreamer"].temperature
     assert shipped.model_dump(exclude={"data_dir"}) == defaults.model_dump(exclude={"data_dir"})
 
 
@@ -69,7 +70,7 @@ def test_relative_paths_follow_the_config_file(tmp_path):
     s = load_settings(cfg)
     assert s.paths.days == tmp_path / "sub" / "d" / "days"
     assert s.paths.model_cache.resolve() == (tmp_path / "cache").resolve()
-    assert set(s.roles) == {"dreamer", "verifier", "reshaper", "persona", "student"}
+    assert set(s.roles) == {"notetaker", "dreamer", "verifier", "reshaper", "persona", "student"}
 
 
 def _fake_wheel(folder: Path, payload: bytes) -> Path:
@@ -245,11 +246,20 @@ def _roles(settings) -> dict[str, str]:
 def test_shipped_config_puts_the_night_readers_on_the_sleep_model():
     from reverie.config import Settings
 
-    expected = {"dreamer": "sleep", "verifier": "sleep", "reshaper": "sleep",
-                "persona": "default", "student": "default"}
+    expected = {"notetaker": "sleep", "dreamer": "sleep", "verifier": "sleep",
+                "reshaper": "sleep", "persona": "default", "student": "default"}
     assert _roles(load_settings(REPO / "config.yaml")) == expected
     assert _roles(Settings()) == expected  # the same from the defaults, no role naming a model
     assert Settings().models.chat["sleep"] == "embedded:qwen2.5-coder-0.5b-instruct"
+
+
+def test_a_retired_night_key_is_named_with_what_replaced_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("night:\n  extractive_answers: false\n")
+    with pytest.raises(ConfigError) as bad:
+        load_settings(cfg)
+    assert "night.extractive_answers was retired" in str(bad.value)
+    assert "the verified note said to the user" in str(bad.value)
 
 
 def test_without_a_sleep_model_every_role_runs_on_default(tmp_path):
@@ -267,6 +277,7 @@ def test_an_explicit_role_model_is_kept(tmp_path):
     cfg.write_text("models:\n  chat:\n    default: a.gguf\n    sleep: b.gguf\n    big: c.gguf\n"
                    "roles:\n  verifier: {model: default}\n  student: {model: big}\n"
                    "  reshaper: {temperature: 0.1}\n")
-    assert _roles(load_settings(cfg)) == {"dreamer": "sleep", "verifier": "default",
+    assert _roles(load_settings(cfg)) == {"notetaker": "sleep", "dreamer": "sleep",
+                                          "verifier": "default",
                                           "reshaper": "sleep", "persona": "default",
                                           "student": "big"}

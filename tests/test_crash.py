@@ -121,18 +121,18 @@ def test_a_diary_line_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
     diary = Diary(tmp_path, "n1")
     diary.record(DiaryStep(step_id="gather", night_id="n1", agent="gather"))
     with open(diary.steps_file, "a") as f:  # the kill cut the next line short
-        f.write('{"step_id": "dream:s1:w0:b0", "night_id": "n1", "agent": "dre')
+        f.write('{"step_id": "read:s1:t1", "night_id": "n1", "agent": "note')
     assert [s.step_id for s in read_steps(diary.steps_file)] == ["gather"]
     assert list_nights(tmp_path)[0]["status"] == "unfinished"
     resumed = Diary(tmp_path, "n1")
-    assert resumed.recorded("dream:s1:w0:b0") is None
-    resumed.record(DiaryStep(step_id="dream:s1:w0:b0", night_id="n1", agent="dreamer",
+    assert resumed.recorded("read:s1:t1") is None
+    resumed.record(DiaryStep(step_id="read:s1:t1", night_id="n1", agent="notetaker",
                              produced=[{"id": "c1"}]))
     resumed.record(DiaryStep(step_id="gather", night_id="n1", agent="gather", verdict="again"))
     lines = diary.steps_file.read_text().splitlines()
-    assert [json.loads(l)["step_id"] for l in lines] == ["gather", "dream:s1:w0:b0"]
+    assert [json.loads(l)["step_id"] for l in lines] == ["gather", "read:s1:t1"]
     assert resumed.recorded("gather").verdict == ""  # the first record stands
-    assert Diary(tmp_path, "n1").recorded("dream:s1:w0:b0").produced == [{"id": "c1"}]
+    assert Diary(tmp_path, "n1").recorded("read:s1:t1").produced == [{"id": "c1"}]
 
 
 def test_consolidation_done_before_a_crash_is_read_back_not_redone(tmp_path, model_cache,
@@ -141,7 +141,8 @@ def test_consolidation_done_before_a_crash_is_read_back_not_redone(tmp_path, mod
     add, a duplicate's update): the resumed night counts each once and writes none again."""
     import asyncio
 
-    from test_night import Fake, fact, judgement, session
+    from conftest import NoteDreamer, Scripted, notes
+    from test_night import Fake, judgement, session
 
     from reverie.config import load_settings
     from reverie.graphs.run import run_night
@@ -153,31 +154,32 @@ def test_consolidation_done_before_a_crash_is_read_back_not_redone(tmp_path, mod
     s.night.dream_bursts = 1
     keep = json.dumps({"keep": True, "note": "", "reinforce": []})
 
-    def night(dream, **kw):
-        models = {"dreamer": Fake(responses=[dream]), "verifier": Fake(responses=[judgement()]),
-                  "reshaper": Fake(responses=["{}"]), "persona": Fake(responses=[keep])}
+    def night(key, note, **kw):
+        models = {"notetaker": Scripted(rules=[(key, notes(note))]), "dreamer": NoteDreamer(),
+                  "verifier": Fake(responses=[judgement()]),
+                  "reshaper": Fake(responses=["none"]), "persona": Fake(responses=[keep])}
         return asyncio.run(run_night(s, models=models, embedder=embedder, learner=None, **kw))
 
     log = DayLog(s.paths.days)
     log.append([session("s1", "My phone number is 555-0142.")])
-    night(fact("What is the user's phone number?", "555-0142", "t1"))
+    night("555-0142", "The user's phone number is 555-0142.")
+    # the dog said twice: the second turn's note is a duplicate of the first's
     log.append([session("s2", "Please forget my phone number.", "My dog is called Biscuit.",
-                        day=2)])
-    s.night.dream_bursts = 2  # the second burst's twin is a duplicate of the first's
+                        "Yes, my dog is called Biscuit.", day=2)])
     update = MemoryStore.update
 
     def crash_after(self, memory, reason):
         update(self, memory, reason)
         raise RuntimeError("killed after the duplicate's write")
     monkeypatch.setattr(MemoryStore, "update", crash_after)
-    dog = fact("What is the user's dog called?", "Biscuit", "t3")
+    dog = ("called Biscuit", "The user's dog is called Biscuit.")
     with pytest.raises(RuntimeError, match="killed after"):
-        night(dog)
+        night(*dog)
     monkeypatch.setattr(MemoryStore, "update", update)
-    summary = night(dog, resume=True)
+    summary = night(*dog, resume=True)
     assert (summary["deleted"], summary["memories_added"], summary["duplicates"]) == (1, 1, 1)
     [memory] = MemoryStore(s.paths.memories_db).list(user_id="me")
-    assert memory.answer == "Biscuit"
+    assert memory.answer == "Your dog is called Biscuit."
     assert sum(h["reason"].startswith("seen again") for h in memory.history) == 1
     raw = [json.loads(l)["step_id"] for l in
            (s.paths.diary / summary["night_id"] / "steps.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ from reverie.training.forge import ForgeOutcome, learn
 from reverie.training.versions import Versions
 from reverie.wake.retrieval import open_retriever
 
-from conftest import REPO, tiny_llama
+from conftest import REPO, tiny_llama, NoteDreamer, Scripted, notes
 from test_forge_gate import IDENTITY
 from test_night import KEEP, Fake, judgement, session
 
@@ -223,22 +223,22 @@ def test_the_next_night_unlearns_the_forgotten_and_trains_the_edit(config, setti
     log = DayLog(settings.paths.days)
     log.append([session("s1", "My dog is called Biscuit.", "I work at Tidewater Labs.",
                         user="ana")])
-    dream = json.dumps({"memories": [
-        {"kind": "fact", "question": "What is the user's dog called?", "answer": "Biscuit",
-         "phrasings": [], "statement": "", "turns": ["t1"]},
-        {"kind": "fact", "question": "Where does the user work?", "answer": "Tidewater Labs",
-         "phrasings": [], "statement": "", "turns": ["t3"]}]})
+    reader = Scripted(rules=[("Biscuit", notes("The user's dog is called Biscuit.")),
+                             ("Tidewater", notes("The user works at Tidewater Labs."))])
+    dreamer = NoteDreamer(rules=[("Biscuit", "Q: What is my dog called?"),
+                                 ("Tidewater", "Q: Where do I work?")])
 
-    def night(dreamer, learner=None):
-        models = {"dreamer": dreamer, "verifier": Fake(responses=[judgement()]),
-                  "reshaper": Fake(responses=["{}"]), "persona": Fake(responses=[KEEP])}
+    def night(learner=None):
+        models = {"notetaker": reader, "dreamer": dreamer,
+                  "verifier": Fake(responses=[judgement()]),
+                  "reshaper": Fake(responses=["none"]), "persona": Fake(responses=[KEEP])}
         return asyncio.run(run_night(settings, models=models, embedder=embedder,
                                      learner=learner, user_id="ana"))
 
-    night(Fake(responses=[dream]))
+    night()
     store = MemoryStore(settings.paths.memories_db)
     by_answer = {m.answer: m for m in store.list(user_id="ana")}
-    dog, work = by_answer["Biscuit"], by_answer["Tidewater Labs"]
+    dog, work = by_answer["Your dog is called Biscuit."], by_answer["You work at Tidewater Labs."]
     store.update(dog.model_copy(update={"status": "learned", "learned_in": "night-1"}), "test")
 
     cli(config, "forget", dog.id, "--yes")
@@ -251,16 +251,17 @@ def test_the_next_night_unlearns_the_forgotten_and_trains_the_edit(config, setti
         return ForgeOutcome(True, "night-2", "night-1", learned=[new_id], unlearned=[dog.id])
 
     log.append([session("s2", "Nice weather today.", user="ana", day=2)])
-    summary = night(Fake(responses=['{"memories": []}']), learner)
+    summary = night(learner)
     ts = seen["ts"]
     unlearn = [r for r in ts.rows if r["kind"] == "unlearn"]
     assert unlearn and all(r["memory_id"] == dog.id and
                            r["messages"][-1]["content"] == dataset.unlearn_answer()
                            for r in unlearn)
-    assert "What is the user's dog called?" in {r["messages"][-2]["content"] for r in unlearn}
+    assert "What is my dog called?" in {r["messages"][-2]["content"] for r in unlearn}
     assert not [r for r in ts.rows if r.get("memory_id") == dog.id and r["kind"] != "unlearn"]
     assert dog.id not in ts.replayed and ts.forgotten_ids == [dog.id]
-    assert ts.forgotten_items[0][1] == ["Biscuit"] and ts.counts["unlearn"] == len(unlearn)
+    assert ts.forgotten_items[0][1] == ["Your dog is called Biscuit."]
+    assert ts.counts["unlearn"] == len(unlearn)
     assert ts.new_ids == [new_id]                              # the edit is tonight's
     assert not [r for r in ts.rows if r.get("memory_id") == work.id]  # its old version is not
     assert all(r["messages"][-1]["content"] == "Globex"
@@ -272,18 +273,15 @@ def test_the_next_night_unlearns_the_forgotten_and_trains_the_edit(config, setti
     steps = read_steps(settings.paths.diary / summary["night_id"] / "steps.jsonl")
     assert any(s.verdict == "unlearned" and s.memory_id == dog.id for s in steps)
 
-    old_news = json.dumps({"memories": [
-        {"kind": "fact", "question": "Where does the user work?", "answer": "Tidewater Labs",
-         "phrasings": [], "statement": "", "turns": ["t1"]}]})
     log.append([session("s3", "I work at Tidewater Labs.", user="ana", day=1)])  # before the edit
-    night(Fake(responses=[old_news]))
+    night()
     assert [m.answer for m in store.list(user_id="ana")] == ["Globex"]
     later = datetime.now(timezone.utc).replace(year=datetime.now().year + 1)
     log.append([Session(session_id="s4", user_id="ana", started_at=later, messages=[
         Message(turn_id="t1", role="user", content="I work at Tidewater Labs again."),
         Message(turn_id="t2", role="assistant", content="Noted!")])])
-    night(Fake(responses=[old_news]))
-    assert [m.answer for m in store.list(user_id="ana")] == ["Tidewater Labs"]
+    night()
+    assert [m.answer for m in store.list(user_id="ana")] == ["You work at Tidewater Labs."]
 
 
 def test_older_than_edit_reads_the_session_times():

@@ -14,16 +14,16 @@ from reverie.memory.diary import read_steps
 from reverie.memory.store import MemoryStore
 from reverie.config import load_settings
 
-from conftest import REPO
-from test_night import KEEP, Fake, fact, judgement, session
+from conftest import REPO, NoteDreamer, Scripted, notes
+from test_night import KEEP, Fake, judgement, session
 
 # The dog's name is in the turn, "dog" is not: the deterministic grounding check fails it.
 VET = "I'm taking Biscuit to the vet tomorrow."
-DOG = fact("What is the user's dog called?", "Biscuit", "t1")
-NOTHING = json.dumps({"memories": []})
-# the reshaper's rewrite is the same claim again (so it fails again, one round later)
-SAME = json.dumps({"kind": "fact", "question": "What is the user's dog called?",
-                   "answer": "Biscuit", "phrasings": [], "statement": "", "turns": ["t1"]})
+DOG_NOTE = "The user's dog is called Biscuit."
+DOG = [("Biscuit", DOG_NOTE)]
+NOTHING: list = []
+# the reshaper's rewrite is the same note again (so it fails again, one round later)
+SAME = notes(DOG_NOTE)
 
 
 @pytest.fixture
@@ -36,10 +36,11 @@ def settings(tmp_path, model_cache):
     return s
 
 
-def night(settings, embedder, dreamer, reshaper=None, persona=None, **kw):
-    """One night; the verifier always judges grounded, so the deterministic grounding
-    check (the cited turns) alone decides."""
-    models = {"dreamer": Fake(responses=[dreamer]), "verifier": Fake(responses=[judgement()]),
+def night(settings, embedder, reading, reshaper=None, persona=None, **kw):
+    """One night; ``reading``: ``(words in a turn, note)`` pairs, the note-taker's notes;
+    the verifier always judges grounded, so the deterministic checks alone decide."""
+    models = {"notetaker": Scripted(rules=[(k, notes(n)) for k, n in reading]),
+              "dreamer": NoteDreamer(), "verifier": Fake(responses=[judgement()]),
               "reshaper": reshaper or Fake(responses=[SAME]),
               "persona": persona or Fake(responses=[KEEP])}
     return asyncio.run(run_night(settings, models=models, embedder=embedder, learner=None, **kw))
@@ -62,20 +63,18 @@ def park_the_dog(settings, embedder, user="me"):
 
 def test_a_rejected_candidate_is_parked_and_survives_the_next_night(settings, embedder):
     n1, thought = park_the_dog(settings, embedder)
-    assert thought.id == parked_id("s1:w0:b0:0") and thought.user_id == "me"
-    assert (thought.question, thought.answer, thought.night_id) == (
-        "What is the user's dog called?", "Biscuit", n1["night_id"])
-    assert any("do not mention: dog" in r for r in thought.reasons)
+    assert thought.id == parked_id("s1:t1:n0") and thought.user_id == "me"
+    assert (thought.text, thought.night_id) == (DOG_NOTE, n1["night_id"])
+    assert any("grounding 0.67" in r for r in thought.reasons)
     assert [s.verdict for s in steps(settings, n1)] == ["parked"]
     # a vetoed candidate is parked too, with the consultant's reason
     log = DayLog(settings.paths.days)
     log.append([session("s2", "I had pasta for lunch.", "My cat is called Miso.", day=2)])
     veto = Fake(responses=[json.dumps({"keep": False, "note": "not about the user",
                                        "reinforce": []})])
-    n2 = night(settings, embedder, fact("What is the user's cat called?", "Miso", "t3"),
-               persona=veto)
+    n2 = night(settings, embedder, [("Miso", "The user's cat is called Miso.")], persona=veto)
     store = MemoryStore(settings.paths.memories_db)
-    parked = {p.answer: p for p in store.parked("me")}
+    parked = {"Biscuit" if "Biscuit" in p.text else "Miso": p for p in store.parked("me")}
     assert set(parked) == {"Biscuit", "Miso"} and n2["vetoed"] == 1 and n2["parked"] == 1
     assert any("not about the user" in r for r in parked["Miso"].reasons)  # the veto note
     # the dog thought found no turn like it tonight: not revisited, one night older
@@ -85,7 +84,7 @@ def test_a_rejected_candidate_is_parked_and_survives_the_next_night(settings, em
 
 def test_what_is_already_known_is_not_parked(settings, embedder):
     log = DayLog(settings.paths.days)
-    bakery = fact("Where does the user work?", "at a bakery", "t1")
+    bakery = [("bakery", "The user works at a bakery.")]
     log.append([session("s1", "I work at a bakery.")])
     assert night(settings, embedder, bakery)["memories_added"] == 1
     log.append([session("s2", "I still work at a bakery.", day=2)])
@@ -102,7 +101,7 @@ def test_new_supporting_evidence_revives_the_thought_into_a_memory(settings, emb
     assert (n2["revisited"], n2["revived"], n2["memories_added"]) == (1, 1, 1)
     store = MemoryStore(settings.paths.memories_db)
     [memory] = store.list(user_id="me")
-    assert memory.answer == "Biscuit"
+    assert (memory.text, memory.answer) == (DOG_NOTE, "Your dog is called Biscuit.")
     assert (memory.source_session, memory.source_turns) == ("s2", ["t3"])  # the new evidence
     note = f"revived from parked thought {thought.id} (parked in night {n1['night_id']})"
     assert note in [h["reason"] for h in memory.history]
@@ -125,13 +124,13 @@ def test_an_unsupported_thought_expires_after_park_nights(settings, embedder):
     assert reshaper.calls == settings.night.reshape_rounds  # the normal rounds, no more
     [kept] = store.parked("me")
     assert (kept.id, kept.nights_seen, kept.last_night) == (thought.id, 1, n2["night_id"])
-    assert any("do not mention: dog" in r for r in kept.reasons)
+    assert any("grounding 0.67" in r for r in kept.reasons)
     # night 3 (park_nights = 2): nothing like it; it expires
     log.append([session("s3", "The train was late this morning.", day=3)])
     n3 = night(settings, embedder, NOTHING)
     assert n3["expired"] == 1 and store.parked("me") == [] and store.list(user_id="me") == []
     [expired] = steps(settings, n3, "expired")
-    assert expired.raw_output == "What is the user's dog called? Biscuit"
+    assert expired.raw_output == DOG_NOTE
     assert "unsupported for 2 nights" in expired.reasons[0]
 
 
@@ -152,7 +151,7 @@ def test_a_resumed_night_parks_and_ages_once(settings, embedder, monkeypatch):
         night(settings, embedder, DOG)
     n1 = night(settings, embedder, DOG, resume=True)
     store = MemoryStore(settings.paths.memories_db)
-    assert [p.id for p in store.parked("me")] == [parked_id("s1:w0:b0:0")] and n1["parked"] == 1
+    assert [p.id for p in store.parked("me")] == [parked_id("s1:t1:n0")] and n1["parked"] == 1
     log.append([session("s2", "The train was late this morning.", day=2)])
     crash_after("update_parked")
     with pytest.raises(Exception, match="injected crash"):

@@ -404,12 +404,12 @@ def test_served_turns_are_slept_on(echo_server, runtime):
         model="base", user="dora",
         messages=[{"role": "user", "content": "I keep bees on my roof in Ghent."}])
     fake = lambda text: FakeListChatModel(responses=[text])  # noqa: E731
-    models = {"dreamer": fake(json.dumps({"memories": []})), "verifier": fake("{}"),
-              "reshaper": fake("{}"), "persona": fake("{}")}
+    models = {"notetaker": fake("none"), "dreamer": fake("none"), "verifier": fake("{}"),
+              "reshaper": fake("none"), "persona": fake("{}")}
     summary = asyncio.run(run_night(settings, models=models, embedder=runtime.embedder(),
                                     user_id="dora", learner=None))
     assert summary["sessions"] == 1
     steps = read_steps(settings.paths.diary / summary["night_id"] / "steps.jsonl")
-    dream = next(s for s in steps if s.agent == "dreamer")
-    assert "I keep bees on my roof in Ghent." in dream.prompt[-1]["content"]
+    read = next(s for s in steps if s.agent == "notetaker")
+    assert "I keep bees on my roof in Ghent." in read.prompt[-1]["content"]
     assert DayLog(settings.paths.days).unconsumed("dora") == []

@@ -485,11 +485,12 @@ def test_runtime_roles_run_on_the_models_config_gives_them(tiny_gguf, tmp_path):
     runtime = Runtime(load_settings(cfg))
     try:
         by_role = {role: runtime.chat_model(role).loaded for role in
-                   ("dreamer", "verifier", "reshaper", "persona", "student")}
+                   ("notetaker", "dreamer", "verifier", "reshaper", "persona", "student")}
         assert {r: m.name for r, m in by_role.items()} == {
-            "dreamer": "sleep", "verifier": "sleep", "reshaper": "sleep",
+            "notetaker": "sleep", "dreamer": "sleep", "verifier": "sleep", "reshaper": "sleep",
             "persona": "default", "student": "default"}
-        assert by_role["dreamer"] is by_role["verifier"] is by_role["reshaper"]
+        assert by_role["notetaker"] is by_role["dreamer"] is by_role["verifier"] \
+            is by_role["reshaper"]
         assert by_role["dreamer"].source == str(tiny_gguf[0])
         assert by_role["student"] is by_role["persona"] and by_role["student"].source == str(day)
         assert by_role["student"].engine is not by_role["verifier"].engine
@@ -535,44 +536,6 @@ def test_sleep_model_answers_through_the_verifier_role(default_runtime):
     assert chat.loaded.tokenizer.encode(text, add_special_tokens=False) == ids
     reply = chat.invoke("What is the capital of France? Answer with one word.")
     assert "Paris" in reply.content
-
-
-# -- the dreamer's constraints for the sleep model ---------------------------------------------
-
-def test_cited_turns_follow_the_notes_words():
-    from reverie.agents.dreamer import attribute
-    from reverie.memory.records import Message
-
-    window = [Message(turn_id="t1", role="user", content="I'm Maya. My dog Biscuit is a beagle."),
-              Message(turn_id="t2", role="assistant", content="I work at Tidewater Labs too!"),
-              Message(turn_id="t3", role="user", content="I work as a data engineer at Tidewater Labs."),
-              Message(turn_id="t5", role="user", content="My birthday is on 14 March.")]
-    # the model cited the window's first ids; the note's words are in t3 (a user turn)
-    assert attribute("The user works as a data engineer at Tidewater Labs.", ["t1"], window) == ["t3"]
-    # a right citation is kept as it is
-    assert attribute("The user's birthday is on 14 March.", ["t5"], window) == ["t5"]
-    # nothing in common with any user turn: the model's cites stand (grounding judges them)
-    assert attribute("The user plays the oboe.", ["t1"], window) == ["t1"]
-
-
-def test_dream_grammar_asks_for_third_person_notes_and_drops_repeats():
-    import re
-
-    from reverie.agents.dreamer import Dream, DreamedMemory, STATEMENT_PATTERN, grammar, to_candidates
-    from reverie.memory.records import Message, Session
-
-    item = grammar(["t1", "t3"], 4, 1, None)["$defs"]["DreamedMemory"]["properties"]
-    assert item["statement"]["pattern"] == STATEMENT_PATTERN
-    assert item["turns"]["items"] == {"enum": ["t1", "t3"]} and item["turns"]["maxItems"] == 2
-    assert re.match(STATEMENT_PATTERN, "The user's dog is called Biscuit.")
-    assert not re.match(STATEMENT_PATTERN, "I've been into dancing since I was a kid.")
-    session = Session(session_id="s", user_id="me", messages=[
-        Message(turn_id="t1", role="user", content="My dog is called Biscuit.")])
-    note = DreamedMemory(kind="fact", statement="The user's dog is called Biscuit.", turns=["t1"],
-                         question="What is the user's dog called?", answer="Biscuit")
-    out = to_candidates(Dream(memories=[note, note.model_copy()]), session, "n", "s:w0:b0",
-                        session.messages)
-    assert [c.id for c in out] == ["s:w0:b0:0"] and out[0].text == "The user's dog is called Biscuit."
 
 
 def test_after_a_night_only_the_day_model_stays_loaded(tmp_path):

@@ -22,7 +22,7 @@ from reverie.config import WakeConfig, load_settings
 from reverie.wake.chat import CHAT_VARIABLES, COMPACT_VARIABLES, ChatSession
 from reverie.wake.triggers import cron_line, next_time, parse_hhmm, wait_until
 
-from conftest import REPO
+from conftest import REPO, NoteDreamer
 
 SUMMARY = "The user has a dog called Biscuit and lives in Porto."
 
@@ -234,9 +234,6 @@ class Fake(FakeListChatModel):
     pass
 
 
-def _fact(question, answer):
-    return json.dumps({"memories": [{"kind": "fact", "question": question, "answer": answer,
-                                     "phrasings": [], "statement": "", "turns": ["t1"]}]})
 
 
 def test_a_night_for_one_user_reads_only_that_users_data(tmp_path, embedder, model_cache):
@@ -266,18 +263,18 @@ def test_a_night_for_one_user_reads_only_that_users_data(tmp_path, embedder, mod
         seen["regression"] = [q for q, _ in ts.regression_items]
         return ForgeOutcome(False, None, "base", reasons=["test"])
 
-    dreamer = Recorder(responses=[_fact("What is the user's dog called?", "Biscuit")])
-    models = {"dreamer": dreamer,
+    reader = Recorder(responses=["- The user's dog is called Biscuit."])
+    models = {"notetaker": reader, "dreamer": NoteDreamer(),
               "verifier": Fake(responses=[json.dumps({"grounded": True, "importance": 4,
                                                       "utility": 4, "reason": "stated"})]),
-              "reshaper": Fake(responses=["{}"]),
+              "reshaper": Fake(responses=["none"]),
               "persona": Fake(responses=[json.dumps({"keep": True, "note": "ok", "reinforce": []})])}
     asyncio.run(run_night(settings, models=models, embedder=embedder, user_id="ana",
                           learner=learner))
-    prompts = " ".join(str(m.content) for call in dreamer.seen for m in call)
+    prompts = " ".join(str(m.content) for call in reader.seen for m in call)
     assert "Biscuit" in prompts and "Rex" not in prompts          # bob's day never read
     assert [s.user_id for s in log.unconsumed()] == ["bob"]       # and not consumed
-    assert [m.answer for m in seen["tonight"]] == ["Biscuit"]
+    assert [m.answer for m in seen["tonight"]] == ["Your dog is called Biscuit."]
     assert all(m.user_id == "ana" for m in seen["tonight"] + seen["earlier"])
     assert bobs_old.id not in {m.id for m in seen["earlier"]}     # not replayed into ana's night
     assert bobs_old.question not in seen["regression"]           # nor checked in her gate

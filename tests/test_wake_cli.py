@@ -21,6 +21,7 @@ def tiny_config(tmp_path_factory, smollm2_tokenizer, model_cache):
     root = tmp_path_factory.mktemp("tiny")
     path = make_tiny_config(root, smollm2_tokenizer, model_cache,
                             roles={"student": {"model": "default", "max_tokens": 24},
+                                   "notetaker": {"model": "default", "max_tokens": 48},
                                    "dreamer": {"model": "default", "temperature": 1.0,
                                                "max_tokens": 96},
                                    "verifier": {"model": "default", "max_tokens": 64},

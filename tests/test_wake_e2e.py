@@ -24,7 +24,7 @@ def test_tell_sleep_restart_ask(tmp_path, model_cache, record_property):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["data_dir"] = str(tmp_path / "data")
     config["models"]["cache_dir"] = str(model_cache)
-    config["night"].update({"dream_bursts": 1, "reshape_rounds": 1, "max_candidates": 2})
+    config["night"].update({"dream_bursts": 1, "reshape_rounds": 1, "max_notes": 2})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     data = tmp_path / "data"
@@ -41,7 +41,7 @@ def test_tell_sleep_restart_ask(tmp_path, model_cache, record_property):
     (night,) = list_nights(data / "diary")
     steps = read_steps(data / "diary" / night["night_id"] / "steps.jsonl")
     agents = {s.agent for s in steps}
-    assert {"gather", "dreamer", "verifier", "handoff", "forge"} <= agents
+    assert {"gather", "notetaker", "handoff", "forge"} <= agents
     forge = next(s for s in steps if s.agent == "forge")
     active = Versions(data / "models" / "versions").active()
     if forge.verdict.startswith("promoted"):

@@ -328,19 +328,17 @@ def serve(host: Optional[str] = typer.Option(None, help="address to listen on (d
 def _with_night_display(run, to=None, settings: Settings | None = None):
     """Call ``run(on_update, on_train)`` (which runs a night) while its progress shows on
     ``to`` (default: stdout): a live table on a terminal, timestamped lines otherwise
-    (:mod:`reverie.cli.night_progress`); returns what ``run`` returns. ``settings`` lets
-    the dreamer's line show how many windows to expect."""
+    (:mod:`reverie.cli.night_progress`); returns what ``run`` returns; the note-taker's
+    line shows how many user turns there are to read."""
     from reverie.cli.night_progress import with_night_display
 
-    dream_windows = None
-    if settings is not None:
-        night = settings.night
+    from reverie.agents.router import forget_requests
 
-        def dream_windows(sessions: list) -> int:  # as graphs.night.fan_out_dreams sends them
-            return night.dream_bursts * sum(-(-len(s.messages) // night.window_turns)
-                                            for s in sessions)
+    def turns_to_read(sessions: list) -> int:  # as graphs.night.fan_out_reads sends them
+        return sum(sum(m.role == "user" for m in s.messages) - len(forget_requests(s))
+                   for s in sessions)
 
-    return with_night_display(run, to or console, dream_windows)
+    return with_night_display(run, to or console, turns_to_read)
 
 
 def _runtime(settings: Settings):

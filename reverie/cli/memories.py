@@ -104,8 +104,14 @@ def _state(memory) -> str:
     return "superseded" if memory.superseded_by else "active"
 
 
+# What a memory says, in the order a person reads it: the note first, then its Q&A.
+LEADING = ("id", "kind", "text", "question", "answer", "phrasings", "neighbours")
+
+
 def _record(memory) -> dict:
-    return {"state": _state(memory), **memory.model_dump(mode="json")}
+    fields = memory.model_dump(mode="json")
+    lead = {k: fields.pop(k) for k in LEADING}
+    return {**lead, "state": _state(memory), **fields}
 
 
 def _tombstone(tomb: dict, waiting: set[str]) -> dict:
@@ -170,14 +176,13 @@ def _show(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
 
 def _row(record: dict) -> list[str]:
     if record["state"] == "deleted":
-        return [record["id"], "-", f"(forgotten: {record['request']})", "-", "deleted",
+        return [record["id"], "-", f"(forgotten: {record['request']})", "-", "-", "deleted",
                 "unlearning at the next night" if record["unlearning"] else "-",
                 f"deleted {record['deleted_at'][:16]}"]
-    fact = record["kind"] == "fact"
     status = record["state"] if record["state"] == "active" else \
         f"superseded by {record['superseded_by']}"
-    return [record["id"], record["kind"], record["question"] if fact else record["text"],
-            record["answer"] if fact else "", status,
+    return [record["id"], record["kind"], record["text"] or "-", record["question"] or "-",
+            record["answer"] or "-", status,
             _learned_text(record["status"], record.get("learned_in", "")),
             record["created_at"][:16].replace("T", " ")]
 
@@ -192,8 +197,8 @@ def list_(ctx: typer.Context,
                                      "deleted | all"),
           as_json: bool = typer.Option(False, "--json", help="a JSON array of the records "
                                        "(each with a 'state' key), nothing else")):
-    """Your memories: id, kind, question or text, answer, state, learned (by which model
-    version), created."""
+    """Your memories: id, kind, note (what the memory says), question, answer, state,
+    learned (by which model version), created."""
     if status not in STATES:
         fail(f"--status must be one of {', '.join(STATES)}, not {status!r}", 2)
     settings = _settings(ctx)
@@ -208,7 +213,7 @@ def list_(ctx: typer.Context,
                       highlight=False, soft_wrap=True)
         return
     _show(f"{status} memories of {user_id} ({len(records)})",
-          ("id", "kind", "question / text", "answer", "status", "learned", "created"),
+          ("id", "kind", "note", "question", "answer", "status", "learned", "created"),
           [_row(r) for r in records])
 
 
@@ -267,10 +272,9 @@ def show(ctx: typer.Context,
           [[k, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)]
            for k, v in fields.items() if k != "history"])
     _show("versions (oldest first)",
-          ("id", "state", "question / text", "answer", "learned", "made by"),
-          [[("▶ " if v.id == memory.id else "") + v.id, _state(v),
-            v.question if v.kind == "fact" else v.text,
-            v.answer if v.kind == "fact" else "", _learned(v), _origin(v)]
+          ("id", "state", "note", "question", "answer", "learned", "made by"),
+          [[("▶ " if v.id == memory.id else "") + v.id, _state(v), v.text or "-",
+            v.question or "-", v.answer or "-", _learned(v), _origin(v)]
            for v in versions])
     _show("history", ("version", "at", "status", "what happened"),
           [[v.id, h.get("at", "")[:19].replace("T", " "), h.get("status", ""),

@@ -23,23 +23,25 @@ EVERY = 5
 # The forge prints about this many lines while it trains.
 TRAIN_LINES = 10
 # The graph's agent nodes (one update per agent call) and the names shown for them.
-AGENT_NODES = {"dream": "dream", "verify": "verify", "reshape": "reshape", "consult": "persona"}
+AGENT_NODES = {"read": "note-taker", "verify": "verify", "reshape": "reshape", "dream": "dream",
+               "consult": "persona"}
 
 
 class NightTally:
     """Counts of a running night.
 
     Args:
-        dream_windows: ``sessions -> dreamer calls to expect``, to show "dream 4/9 windows"
-            (None: the count alone; also on a resumed night, whose ``gather`` does not rerun).
+        turns_to_read: ``sessions -> note-taker calls to expect``, to show "note-taker 4/9
+            turns" (None: the count alone; also on a resumed night, whose ``gather`` does
+            not rerun).
     """
 
-    def __init__(self, dream_windows: Callable[[list], int] | None = None):
+    def __init__(self, turns_to_read: Callable[[list], int] | None = None):
         self.counts: Counter = Counter()      # node -> updates seen
         self.verdicts: Counter = Counter()    # what those updates said
         self.notes: dict[str, str] = {}       # one-line outcomes of the single-shot nodes
-        self.dream_windows = dream_windows
-        self.dream_total: int | None = None
+        self.turns_to_read = turns_to_read
+        self.read_total: int | None = None
 
     def update(self, node: str, update: dict) -> None:
         """Count one graph update (``node``'s returned state update)."""
@@ -48,8 +50,8 @@ class NightTally:
         if node == "gather":
             sessions = update.get("sessions", [])
             v["sessions"] += len(sessions)
-            if self.dream_windows is not None:
-                self.dream_total = self.dream_windows(sessions)
+            if self.turns_to_read is not None:
+                self.read_total = self.turns_to_read(sessions)
         elif node == "revisit":
             back = len(update.get("candidates", {}))
             self.notes["revisit"] = f"{back} parked thought{'s' * (back != 1)} back for review"
@@ -70,7 +72,11 @@ class NightTally:
                                    f.get("skipped") or "; ".join(f.get("reasons", [])) or
                                    "rolled back")
         for c in update.get("candidates", {}).values():
-            key = {"dream": "candidates", "reshape": "reshaped"}.get(node, c.status)
+            key = {"read": "notes", "reshape": "reshaped"}.get(node, c.status)
+            if node == "dream" and c.status == "rejected":
+                key = "dream-rejected"
+            elif node == "verify" and c.status == "rejected":
+                key = "verify-rejected"
             v[key] += 1
 
     def train(self, step: int, total: int, loss: float, tps: float) -> None:
@@ -83,20 +89,22 @@ class NightTally:
         return {
             "gather": f"{v['sessions']} sessions",
             "route": f"{v['chunks']} verbatim chunks, {v['forget']} forget requests",
-            "dream": f"{v['candidates']} candidates",
-            "verify": f"{v['passed']} passed, {v['failed']} failed, {v['rejected']} rejected",
+            "read": f"{v['notes']} notes",
+            "verify": f"{v['passed']} passed, {v['failed']} failed, {v['verify-rejected']} "
+                      "rejected",
+            "dream": f"{v['dreamt']} dreamt, {v['dream-rejected']} without a question",
             "reshape": f"{v['reshaped']} rewritten",
             "consult": f"{v['approved']} approved, {v['vetoed']} vetoed",
         }.get(node) or self.notes.get("forge" if node == "learn" else node, "")
 
     def line(self, node: str) -> str:
-        """One progress line about ``node`` (no timestamp), e.g. ``dream 4/9 windows, 11
-        candidates``, ``verify 20 calls: 8 passed, 9 failed, 3 rejected``, ``forge step
+        """One progress line about ``node`` (no timestamp), e.g. ``note-taker 4/9 turns, 11
+        notes``, ``verify 20 calls: 8 passed, 9 failed, 3 rejected``, ``forge step
         40/120, loss 1.230, 350 tok/s``."""
         n = self.counts[node]
-        if node == "dream":
-            done = f"{n}/{self.dream_total}" if self.dream_total else str(n)
-            return f"dream {done} windows, {self.outcome(node)}"
+        if node == "read":
+            done = f"{n}/{self.read_total}" if self.read_total else str(n)
+            return f"note-taker {done} turns, {self.outcome(node)}"
         if node in AGENT_NODES:
             return f"{AGENT_NODES[node]} {n} call{'s' * (n != 1)}: {self.outcome(node)}"
         if node == "train":
@@ -108,13 +116,14 @@ class NightTally:
         table = Table(title="night", show_header=True)
         for col in ("stage", "done", "outcome"):
             table.add_column(col, overflow="fold")
-        dream = self.counts["dream"]
-        rows = [("gather", "gather"), ("route", "route"), ("dreamer", "dream"),
-                ("verifier", "verify"), ("reshaper", "reshape"), ("persona", "consult"),
+        read = self.counts["read"]
+        rows = [("gather", "gather"), ("route", "route"), ("note-taker", "read"),
+                ("verifier", "verify"), ("reshaper", "reshape"), ("dreamer", "dream"),
+                ("persona", "consult"),
                 ("consolidate", "consolidate"), ("subconscious", "park"),
                 ("handoff", "handoff"), ("forge", "learn")]
         for label, node in rows:
-            done = (f"{dream}/{self.dream_total}" if node == "dream" and self.dream_total
+            done = (f"{read}/{self.read_total}" if node == "read" and self.read_total
                     else str(self.counts[node]))
             table.add_row(label, done, self.outcome(node))
         return table
@@ -180,11 +189,11 @@ class PlainLines:
 
 
 def with_night_display(run: Callable[[Callable, Callable], Any], to: Console,
-                       dream_windows: Callable[[list], int] | None = None) -> Any:
+                       turns_to_read: Callable[[list], int] | None = None) -> Any:
     """Call ``run(on_update, on_train)`` (which runs a night) while showing its progress on
     ``to``: a live table when ``to.is_terminal``, else :class:`PlainLines`. Returns what
     ``run`` returns; its exceptions pass through (the lines so far are already written)."""
-    tally = NightTally(dream_windows)
+    tally = NightTally(turns_to_read)
     if not to.is_terminal:
         lines = PlainLines(tally, to)
         lines.start()
