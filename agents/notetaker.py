@@ -124,6 +124,42 @@ def restates_context(note: str, turn: Message, earlier: list[Message]) -> list[s
     return []
 
 
+# A sentence restating what the user said before ("Earlier I said we live in Porto."), and a
+# sentence opening a correction of the sentence before it ("Actually, we moved ...").
+_RECALLED = re.compile(r"\b(?:earlier|before|yesterday|last time) I (?:said|told you|mentioned|wrote)"
+                       r"|\bI (?:said|told you|mentioned|wrote) (?:earlier|before)\b", re.I)
+_CORRECTS = re.compile(r"^\W*(?:actually|sorry|correction|no,|wait|scratch that|I was wrong|"
+                       r"I meant|I misspoke)\b", re.I)
+# a value named as the old one inside the correction ("moved from Porto to Lisbon")
+_AS_OLD = r"\b(?:from|not|instead of|no longer|used to|formerly|previously|rather than)\s+(?:\w+\s+)?"
+
+
+def corrected(note: str, turn: Message) -> list[str]:
+    """The names and numbers of ``note`` that its turn gives only as what it corrects:
+    found in a sentence that recalls an earlier statement ("Earlier I said we live in
+    Porto.") or that the next sentence corrects ("Actually, ..."), and nowhere else in the
+    turn except as the old value ("moved from Porto to Lisbon"). Measured on the sample
+    day: "The user lives in Porto." written under the turn that moves the user to Lisbon.
+    ``[]`` when the note states what the turn says now."""
+    sentences = re.split(r"(?<=[.!?])\s+", turn.content.strip())
+    old = {i for i, x in enumerate(sentences) if _RECALLED.search(x)}
+    old |= {i - 1 for i, x in enumerate(sentences) if i and _CORRECTS.search(x)}
+    if not old:
+        return []
+    probe = Candidate(id="-", night_id="-", user_id="-", session_id="-", kind="fact", text=note)
+    values = sorted(salient(probe)[0])
+    then = " ".join(sentences[i] for i in sorted(old)).lower()
+    now = " ".join(x for i, x in enumerate(sentences) if i not in old)
+    if not values or not all(v.lower() in then for v in values):
+        return []
+
+    def said_now(value: str) -> bool:
+        return any(not re.search(_AS_OLD + "$", now[:m.start()], re.I)
+                   for m in re.finditer(rf"\b{re.escape(value)}\b", now, re.I))
+
+    return [] if any(map(said_now, values)) else values
+
+
 def context_of(session: Session, turn_id: str, turns: int) -> list[Message]:
     """The ``turns`` messages before ``turn_id`` in ``session`` (fewer at its start)."""
     ids = [m.turn_id for m in session.messages]
@@ -164,6 +200,9 @@ class NoteTaker:
             if echoed := restates_context(text, turn, earlier):
                 notes.remove(text)
                 result.checks.append(f"restates the earlier turns ({', '.join(echoed)}): {text!r}")
+            elif old := corrected(text, turn):
+                notes.remove(text)
+                result.checks.append(f"states what the turn corrects ({', '.join(old)}): {text!r}")
         result.parsed = notes
         out = [Candidate(id=f"{session.session_id}:{turn_id}:n{k}", night_id=night_id,
                          user_id=session.user_id, session_id=session.session_id,

@@ -353,6 +353,20 @@ def _line_names(line: str) -> set[str]:
     return _names(line) | first
 
 
+def _sift(lines: list[str], fault: Callable[[str], str], what: str,
+          dropped: list[str]) -> list[str]:
+    """The lines ``fault`` finds nothing wrong with; each other one goes to ``dropped`` as
+    ``"<what> '<line>': <fault>"``."""
+    kept = []
+    for line in lines:
+        why = fault(line)
+        if why:
+            dropped.append(f"{what} {line!r}: {why}")
+        else:
+            kept.append(line)
+    return kept
+
+
 def dream_checks(candidate: Candidate, most_phrasings: int = 12,
                  most_neighbours: int = 5) -> tuple[Candidate, list[str]]:
     """The dreamer's lines that fit the verified note, and why each other line was dropped.
@@ -363,8 +377,8 @@ def dream_checks(candidate: Candidate, most_phrasings: int = 12,
     candidate's ``question``. A neighbour question must end in "?", be about no one
     ("my", "you", "the user" are absent) and hold none of the note's names or numbers (it
     would be about the user's fact) and share a word with the note's topic (a small model
-    copies its prompt's examples' neighbours otherwise). The answer must say nothing the note does not
-    (:func:`reverie.agents.dreamer.second_person` wrote it from the note).
+    copies its prompt's examples' neighbours otherwise). The answer must say nothing the
+    note does not (:func:`reverie.agents.dreamer.second_person` wrote it from the note).
 
     Returns:
         ``(candidate, dropped)``: the candidate with checked ``question``, ``phrasings``
@@ -377,42 +391,31 @@ def dream_checks(candidate: Candidate, most_phrasings: int = 12,
     # what a neighbour question may share: the note's topic, not its names
     topic = _topic_words(note) - {_stem(n) for n in note_names}
     dropped: list[str] = []
-    kept: list[str] = []
     said = _topic_words(note)
-    for line in [candidate.question, *candidate.phrasings]:
-        if not line:
-            continue
-        line = user_voice(line)
-        low = line.lower()
-        shared = _topic_words(line) & said
+
+    def phrasing_fault(line: str) -> str:
         invented = sorted(w for w in _line_names(line) | set(_NUMBER.findall(line))
                           if w.lower() not in note_low)
-        why = ("not in the user's voice (no my, I or me)" if not _FIRST.search(line) else
-               "speaks of 'the user'" if "user" in low else
-               f"invents {', '.join(invented)}" if invented else
-               "shares no word with the note" if said and not shared else
-               "too long" if len(line) > 160 else "")
-        if why:
-            dropped.append(f"phrasing {line!r}: {why}")
-        else:
-            kept.append(line)
+        return ("not in the user's voice (no my, I or me)" if not _FIRST.search(line) else
+                "speaks of 'the user'" if "user" in line.lower() else
+                f"invents {', '.join(invented)}" if invented else
+                "shares no word with the note" if said and not _topic_words(line) & said else
+                "too long" if len(line) > 160 else "")
+
+    def neighbour_fault(line: str) -> str:
+        hits = sorted(n for n in note_names if re.search(rf"\b{re.escape(n)}\b", line.lower()))
+        return ("not a question" if not line.endswith("?") else
+                "about the user (my, you, user)" if _PERSONAL.search(line) else
+                f"holds the note's {', '.join(hits)}" if hits else
+                "not near the note's topic" if topic and not _topic_words(line) & topic else
+                "too long" if len(line) > 160 else "")
+
+    lines = [user_voice(q) for q in (candidate.question, *candidate.phrasings) if q]
+    kept = _sift(lines, phrasing_fault, "phrasing", dropped)
     questions = [q for q in kept if q.endswith("?")]
     main = questions[0] if questions else ""
     phrasings = [p for p in kept if p != main][:most_phrasings]
-    neighbours: list[str] = []
-    for line in candidate.neighbours:
-        low = line.lower()
-        hits = sorted(n for n in note_names if re.search(rf"\b{re.escape(n)}\b", low))
-        near = _topic_words(line) & topic
-        why = ("not a question" if not line.endswith("?") else
-               "about the user (my, you, user)" if _PERSONAL.search(line) else
-               f"holds the note's {', '.join(hits)}" if hits else
-               "not near the note's topic" if topic and not near else
-               "too long" if len(line) > 160 else "")
-        if why:
-            dropped.append(f"neighbour {line!r}: {why}")
-        else:
-            neighbours.append(line)
+    neighbours = _sift(candidate.neighbours, neighbour_fault, "neighbour", dropped)
     unsaid = sorted(w for w in _content_words(candidate.answer) - words
                     if _stem(w) not in note_low)
     if unsaid:

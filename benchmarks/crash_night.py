@@ -197,13 +197,13 @@ def fake_models() -> dict:
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
     class Rules(FakeListChatModel):
-        """Answers with the first rule whose key is in the last message (the last rule is
-        the default)."""
+        """Answers with the first rule whose key is in the last message (for the
+        note-taker, in the turn it reads, after "Message:"; the last rule is the default)."""
 
         rules: list = []
 
         def _call(self, messages, *args, **kwargs):
-            text = str(getattr(messages[-1], "content", messages[-1]))
+            text = str(getattr(messages[-1], "content", messages[-1])).rsplit("Message:", 1)[-1]
             return next((answer for key, answer in self.rules if key in text),
                         self.rules[-1][1])
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -703,13 +704,44 @@ def _same(a: str, b: str) -> bool:
     return _norm(a) == _norm(b)
 
 
+_VALUE = re.compile(r"(?<=\s)[A-Z][\w'-]*|\d[\d:/.,-]*")
+
+
+def slot_and_values(note: str) -> tuple[str, set[str]]:
+    """A note's slot and values: its names and numbers masked, and those names and
+    numbers. ``"The user lives in Lisbon now."`` -> ``("The user lives in X now.",
+    {"Lisbon"})``. Two notes with the same slot say the same thing of the same attribute;
+    their values say whether they agree."""
+    return _VALUE.sub("X", note), {v.rstrip(".,") for v in _VALUE.findall(note)}
+
+
 def decide(memory: Memory, deps: NightDeps) -> tuple[str, str]:
     """``("add", "")``, ``("duplicate", id)`` or ``("supersede", id)`` against the user's
-    current memories, by embedding similarity (thresholds in config ``night``)."""
+    current memories (thresholds in config ``night``).
+
+    Two notes are about one attribute when their slots (:func:`slot_and_values`) are at
+    least ``slot_similarity`` alike (measured with MiniLM: "The user lives in X." against
+    "... in X now." 0.95, "The user's dog is called X." against "... is a two-year-old
+    beagle." 0.60, sister against brother 0.85); then the same values are a duplicate and
+    other values supersede (Porto, then Lisbon). Comparing the questions instead let "What
+    kind of dog is my dog?" supersede "What is my dog's name?" (sample day, 2026-12-07).
+    Notes with no name or number are duplicates when their statements are at least
+    ``duplicate_similarity`` alike, and never supersede. A memory without a note (older
+    memories, a user's edit) is compared by its question, as before notes."""
     night = deps.night
     for other_id, sim in deps.index.nearest(memory.statement(), memory.user_id, k=5):
         other = deps.store.get(other_id)
         if other is None or other.superseded_by or other.kind != memory.kind:
+            continue
+        if memory.text and other.text:
+            (slot, values), (other_slot, other_values) = map(slot_and_values,
+                                                             (memory.text, other.text))
+            if not values and not other_values:
+                if _same(memory.text, other.text) or sim >= night.duplicate_similarity:
+                    return "duplicate", other_id
+                continue
+            if deps.similarity(slot, other_slot) >= night.slot_similarity:
+                return ("duplicate" if values == other_values else "supersede"), other_id
             continue
         if memory.kind == "fact":
             same_question = deps.similarity(memory.question, other.question) >= night.supersede_similarity

@@ -119,6 +119,15 @@ class StructuredConfig(_Strict):
     attempts: int = Field(3, ge=1)
 
 
+def refuse_keys(data, messages: dict[str, str]):
+    """``data`` (a section's raw mapping) unchanged, or ``ValueError`` with the message of
+    the first key of ``messages`` it holds: an old key is named, never silently ignored."""
+    for key, message in messages.items():
+        if isinstance(data, dict) and key in data:
+            raise ValueError(message)
+    return data
+
+
 # Keys of the night's old reader (one JSON object of memories per window of turns), and
 # what replaced them: an old config is told, not silently ignored.
 RETIRED_NIGHT_KEYS = {
@@ -135,10 +144,8 @@ class NightConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _retired(cls, data):
-        for old, why in RETIRED_NIGHT_KEYS.items():
-            if isinstance(data, dict) and old in data:
-                raise ValueError(f"night.{old} was retired: {why}")
-        return data
+        return refuse_keys(data, {k: f"night.{k} was retired: {why}"
+                                  for k, why in RETIRED_NIGHT_KEYS.items()})
 
     note_context_turns: int = Field(2, ge=0, le=8)
     max_notes: int = Field(8, ge=1, le=32)
@@ -150,6 +157,7 @@ class NightConfig(_Strict):
     min_novelty: float = Field(0.1, ge=0.0, le=1.0)
     duplicate_similarity: float = Field(0.92, ge=0.0, le=1.0)
     supersede_similarity: float = Field(0.75, ge=0.0, le=1.0)
+    slot_similarity: float = Field(0.9, ge=0.0, le=1.0)
     forget_similarity: float = Field(0.45, ge=0.0, le=1.0)
     max_concurrency: int = Field(32, ge=1)
     verbatim_min_chars: int = Field(600, ge=50)
@@ -164,10 +172,8 @@ class ForgeConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data):
-        for old, new in RENAMED_FORGE_KEYS.items():
-            if isinstance(data, dict) and old in data:
-                raise ValueError(f"forge.{old} is now forge.{new} (mlx-lm's name)")
-        return data
+        return refuse_keys(data, {k: f"forge.{k} is now forge.{new} (mlx-lm's name)"
+                                  for k, new in RENAMED_FORGE_KEYS.items()})
 
     enabled: bool = True
     model: str = "default"

@@ -59,11 +59,12 @@ def test_every_kill_landed_and_left_a_complete_active_version(nights):
 def test_the_killed_night_ends_as_the_unbroken_one(nights):
     configs, crash, snaps, log = nights
     ref, got = snaps["reference"], snaps["crashed"]
-    # the fake agents give Porto then Lisbon, a reshaped phone number dropped on the forget
-    # request, and a vetoed preference: the night has something of every kind to repeat
+    # the fake agents give Porto then Lisbon, a reshaped employer, the phone number the user
+    # asked to forget (rejected as it is read), and a vetoed preference (parked): the night
+    # has something of every kind to repeat
     summary = ref["summary"]
-    assert (summary["superseded"], summary["reshaped"], summary["dropped_on_request"],
-            summary["parked"]) == (1, 1, 1, 1)
+    assert (summary["superseded"], summary["reshaped"], summary["rejected"],
+            summary["parked"], summary["memories_added"]) == (1, 1, 1, 1, 7)
     assert ref["active"] == "night-<night>"
     assert crash_night.differences(ref, got) == []
     assert got["memories"] == ref["memories"] and got["training"] == ref["training"]

@@ -307,7 +307,8 @@ def test_a_forged_note_flips_no_verdict(layout, tmp_path, model_cache, monkeypat
     night = settings_for(tmp_path, model_cache).night
     night.reshape_rounds = 0
     s = hostile_session()
-    mars = candidate("The user was born on Mars.", ["t1"])
+    # citing the cat turn and the last one: the verifier reads every turn between them
+    mars = candidate("The user was born on Mars.", ["t1", "t8"])
     reader = LayoutReader(responses=["unused"], judged=[])
     after, call = asyncio.run(verifier(reader, night).verify(mars, s))
     det, _ = grounding_check(mars, s)
@@ -320,9 +321,9 @@ def test_a_forged_note_flips_no_verdict(layout, tmp_path, model_cache, monkeypat
         assert call.parsed.grounded is True
 
     # a genuine note in the same hostile window: the verdict of a clean window
-    cat = candidate("The user has a cat called Pistachio.", ["t1"])
+    cat = candidate("The user has a cat called Pistachio.", ["t1", "t8"])
     verdicts = []
-    for window in (s, session("I have a cat called Pistachio.")):
+    for window in (s, session("I have a cat called Pistachio.", "Nice.", "Nice.", "Nice.")):
         judged, _ = asyncio.run(verifier(LayoutReader(responses=["unused"], judged=[]),
                                          night).verify(cat, window))
         verdicts.append(judged.status)
@@ -415,7 +416,7 @@ def test_an_answer_from_another_turn_is_not_grounded():
         "text": "The user plays the cello every weekend.",
         "question": "What do you play the cello?", "answer": "The user owns a submarine"})
     assert grounding_check(submarine, s)[1] == [
-        "the answer is not in the cited turns (t1): owns, submarine"]
+        "the answer is not in the cited turns (t1): submarine"]
     # "I've" in a rephrasing is not a name the turns must hold
     mine = cello.model_copy(update={"answer": "every weekend",
                                     "phrasings": ["Does the user play, as I've heard?"]})

@@ -104,3 +104,27 @@ def test_a_forget_request_names_numbers_by_their_digits_and_names_as_words():
     assert forget_keys("my old phone number 555-0142") == {"5550142"}
     assert forget_keys("about my friend Kenji") == {"kenji"}
     assert forget_keys("that I like jazz") == set()
+
+
+def test_a_note_of_what_the_turn_corrects_is_found():
+    from reverie.agents.notetaker import corrected
+
+    turn = Message(turn_id="t3", role="user", content="Earlier I said we live in Porto. "
+                   "Actually, we moved from Porto to Lisbon last month.")
+    assert corrected("The user lives in Porto.", turn) == ["Porto"]
+    assert corrected("The user moved from Porto to Lisbon last month.", turn) == []
+    assert corrected("The user lives in Lisbon.", turn) == []
+    age = Message(turn_id="t1", role="user", content="I'm 34. Sorry, I mean 35 since March.")
+    assert corrected("The user is 34 years old.", age) == ["34"]
+    assert corrected("The user is 35 years old.", age) == []
+    plain = Message(turn_id="t1", role="user", content="I live in Porto and work at Acme.")
+    assert corrected("The user lives in Porto.", plain) == []
+
+
+def test_notes_about_one_attribute_share_a_slot_and_differ_in_values():
+    from reverie.graphs.night import slot_and_values
+
+    assert slot_and_values("The user lives in Lisbon now.") == ("The user lives in X now.",
+                                                                {"Lisbon"})
+    assert slot_and_values("The user is 35 years old.") == ("The user is X years old.", {"35"})
+    assert slot_and_values("The user likes tea.") == ("The user likes tea.", set())
