@@ -30,7 +30,7 @@ then there these they this to too up us was we were what when where which who wh
 would you your yes user assistant about also just like really very user's name names called
 thing things kind sort favorite favourite tell know question answer i'm i've i'd i'll
 named works work worked working lives live lived living wants owns uses currently now
-recently""".split())
+recently don't doesn't didn't not never isn't aren't can't won't""".split())
 # (the last two lines: the glue a note adds around what the user said: "I'm a nurse" ->
 # "The user works as a nurse", "we moved to Utrecht" -> "The user lives in Utrecht")
 _NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")

@@ -26,6 +26,9 @@ def test_notes_are_read_from_bullets_numbers_and_none():
         "a request or courtesy, not a fact: 'The user wants a Python function for leap years.'",
         "says nothing: 'The user.'"]  # and nothing after the model began another example
     assert parse_notes("none") == ([], []) and parse_notes("- none") == ([], [])
+    # the user's rabbit, said without the user: "The user's" is put back
+    assert parse_notes("- The rabbit Clementine is eight.\n- My sister lives in Leeds.")[0] == [
+        "The user's rabbit Clementine is eight.", "The user's sister lives in Leeds."]
     assert parse_notes("- The user has a cat.\n- The user has a dog.", most=1)[0] == [
         "The user has a cat."]
 
