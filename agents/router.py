@@ -27,6 +27,33 @@ def forget_requests(session: Session) -> list[ForgetRequest]:
     return out
 
 
+# A request naming a kind of value ("forget the salary I mentioned") means the values of that
+# kind the user gave ("They pay me £52,000", measured on an invented day: the note carried
+# the amount and never the word "salary").
+_KINDS = (
+    (re.compile(r"\b(?:salary|pay|paid|income|wages?|earn\w*|money)\b", re.I),
+     re.compile(r"[£$€]\s?\d[\d,.]*\d|\b\d[\d,.]*\d\s?(?:pounds|dollars|euros)\b", re.I)),
+    (re.compile(r"\b(?:phone|mobile|cell|number)\b", re.I),
+     re.compile(r"\+?\d[\d\s().-]{5,}\d")),
+)
+
+
+def values_meant(request: ForgetRequest, sessions: list[Session]) -> list[str]:
+    """The values a forget request names by their kind (an amount for "the salary", a
+    number for "my phone number"), found in its user's turns of ``sessions`` other than the
+    request itself; ``[]`` when it names no such kind."""
+    kinds = [values for words, values in _KINDS if words.search(request.target)]
+    found: dict[str, None] = {}
+    for session in sessions:
+        if session.user_id != request.user_id:
+            continue
+        for m in session.messages:
+            if m.role == "user" and m.content != request.text:
+                for values in kinds:
+                    found.update(dict.fromkeys(v.strip() for v in values.findall(m.content)))
+    return list(found)
+
+
 def verbatim_chunks(session: Session, long_chars: int = 600) -> list[FactChunk]:
     """Chunks of every turn that holds verbatim material (code, URLs, JSON, long pastes,
     numbers-heavy text), with session, turn, user and time."""

@@ -46,7 +46,7 @@ from reverie.agents.dreamer import Dreamer
 from reverie.agents.notetaker import NoteTaker
 from reverie.agents.persona import PersonaConsultant
 from reverie.agents.reshaper import Reshaper
-from reverie.agents.router import forget_requests, verbatim_chunks
+from reverie.agents.router import forget_requests, values_meant, verbatim_chunks
 from reverie.agents.verifier import Verifier
 from reverie.files import atomic_write_text
 from reverie.memory.daylog import DayLog
@@ -227,7 +227,8 @@ def route(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     for session in state["sessions"]:
         chunks = verbatim_chunks(session, deps.night.verbatim_min_chars)
         new = deps.facts.add(chunks)
-        requests = forget_requests(session)
+        requests = [r.model_copy(update={"values": values_meant(r, state["sessions"])})
+                    for r in forget_requests(session)]
         forget += requests
         routed += len(chunks)
         deps.diary.record(DiaryStep(
@@ -654,7 +655,7 @@ def forget_hit(forget: list[ForgetRequest], record, deps: NightDeps) -> Optional
     least ``night.forget_similarity`` like it (:func:`reverie.memory.manage.asks_to_forget`)."""
     return next((r for r in forget if r.user_id == record.user_id and
                  asks_to_forget(r.target, record, deps.similarity,
-                                deps.night.forget_similarity)), None)
+                                deps.night.forget_similarity, r.values)), None)
 
 
 def parked_id(candidate_id: str) -> str:

@@ -49,7 +49,7 @@ def forget_memory(store: MemoryStore, index: MemoryIndex, memory_id: str, reason
     return deleted
 
 
-_NUMBER = re.compile(r"\d[\d\s().+/-]*\d|\d")
+_NUMBER = re.compile(r"\d[\d\s().,+/-]*\d|\d")
 _NAME = re.compile(r"(?<=\s)[A-Z][\w'-]+")
 _PLAIN = frozenset("""I I'm I've I'd My Please Thanks Forget Remember You Your The It""".split())
 
@@ -83,12 +83,14 @@ def texts_of(record) -> list[str]:
 
 
 def asks_to_forget(target: str, record, similarity: Callable[[str, str], float],
-                   min_similarity: float) -> float:
+                   min_similarity: float, values: Iterable[str] = ()) -> float:
     """How much "forget ``target``" means ``record``: 1.0 when one of its texts carries
-    the target's numbers or names (:func:`forget_keys`), else the highest similarity of
-    ``target`` to any of its texts at or above ``min_similarity``, else 0.0."""
+    the target's numbers or names, or one of ``values`` (what the request named by kind:
+    :func:`reverie.agents.router.values_meant`), else the highest similarity of ``target``
+    to any of its texts at or above ``min_similarity``, else 0.0."""
     texts = texts_of(record)
-    if carries(texts, forget_keys(target)):
+    keys = forget_keys(target) | {k for v in values for k in forget_keys(f" {v}")}
+    if carries(texts, keys):
         return 1.0
     best = max((similarity(target, t) for t in texts), default=0.0)
     return best if best >= min_similarity else 0.0

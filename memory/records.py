@@ -243,13 +243,15 @@ class Candidate(MemoryContent):
 
 
 class ForgetRequest(BaseModel):
-    """A user's explicit request to forget something, found in a user turn."""
+    """A user's explicit request to forget something, found in a user turn; ``values``: what
+    it names by kind in the user's other turns (an amount for "the salary")."""
 
     user_id: str
     session_id: str
     turn_id: str
     text: str
     target: str
+    values: list[str] = Field(default_factory=list)
 
 
 class ParkedThought(MemoryContent):

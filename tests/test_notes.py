@@ -131,3 +131,23 @@ def test_notes_about_one_attribute_share_a_slot_and_differ_in_values():
                                                                 {"Lisbon"})
     assert slot_and_values("The user is 35 years old.") == ("The user is X years old.", {"35"})
     assert slot_and_values("The user likes tea.") == ("The user likes tea.", set())
+
+
+def test_a_request_to_forget_a_kind_of_value_means_the_values_of_that_kind():
+    from reverie.agents.router import forget_requests, values_meant
+    from reverie.memory.manage import asks_to_forget
+    from reverie.memory.records import Session
+
+    day = Session(session_id="s1", user_id="me", messages=[
+        Message(turn_id="t1", role="user", content="They pay me £52,000, not enough."),
+        Message(turn_id="t2", role="assistant", content="Noted."),
+        Message(turn_id="t3", role="user", content="Please forget the salary I mentioned.")])
+    [request] = forget_requests(day)
+    assert values_meant(request, [day]) == ["£52,000"]
+    note = Candidate(id="c", night_id="n", user_id="me", session_id="s1", kind="fact",
+                     text="The user is paid £52,000 a year.")
+    unlike = lambda a, b: 0.0  # noqa: E731  (no embedding similarity: the value decides)
+    assert asks_to_forget(request.target, note, unlike, 0.45, ["£52,000"]) == 1.0
+    assert asks_to_forget(request.target, note, unlike, 0.45) == 0.0
+    other = note.model_copy(update={"text": "The user walks 1,000 steps a day."})
+    assert asks_to_forget(request.target, other, unlike, 0.45, ["£52,000"]) == 0.0
