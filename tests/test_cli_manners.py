@@ -24,6 +24,7 @@ from reverie.cli import app
 from reverie.cli import main
 from reverie.config import Settings, WakeConfig
 from reverie.memory.daylog import DayLog
+from reverie.memory.records import Message, Session
 
 STAMP = r"\d\d:\d\d:\d\d "
 
@@ -38,19 +39,30 @@ def plain_config(tmp_path):
 
 # -- the night's progress -------------------------------------------------------------------
 
+def day_session(sid: str, user_turns: int, forget: bool = False) -> Session:
+    """A session of ``user_turns`` exchanges (the last one a forget request with
+    ``forget``)."""
+    messages = []
+    for i in range(user_turns):
+        text = "Please forget my number." if forget and i == user_turns - 1 else f"turn {i}"
+        messages += [Message(turn_id=f"t{2 * i + 1}", role="user", content=text),
+                     Message(turn_id=f"t{2 * i + 2}", role="assistant", content="ok")]
+    return Session(session_id=sid, user_id="me", messages=messages)
+
+
 def fake_night(buffer: io.StringIO, seen: dict):
     """A stand-in for ``run_night``: reports a small night through the callbacks and notes
     what had been written to ``buffer`` at chosen moments (so the test sees lines appear
     while the night runs, not at its end)."""
 
     def run(on_update, on_train):
-        sessions = [SimpleNamespace(messages=[None] * 12), SimpleNamespace(messages=[None] * 4)]
-        on_update("gather", {"sessions": sessions})            # 6-turn windows: 2 + 1
+        sessions = [day_session("s1", 6), day_session("s2", 2, forget=True)]
+        on_update("gather", {"sessions": sessions})  # 8 user turns, one asks to forget: 7
         seen["after gather"] = buffer.getvalue()
         for i in range(3):
-            on_update("dream", {"candidates": {f"c{i}{j}": SimpleNamespace(status="pending")
-                                               for j in range(2)}})
-        seen["after dreams"] = buffer.getvalue()
+            on_update("read", {"candidates": {f"c{i}{j}": SimpleNamespace(status="pending")
+                                              for j in range(2)}})
+        seen["after reads"] = buffer.getvalue()
         on_update("triage", {})
         statuses = ["passed"] * 4 + ["failed"] * 2 + ["rejected"]
         for s in statuses:
@@ -74,10 +86,10 @@ def test_piped_night_prints_timestamped_lines_as_it_goes():
     result = main._with_night_display(fake_night(buffer, seen), to=piped, settings=Settings())
     assert result == {"night_id": "n1"}
     assert re.search(rf"^{STAMP}gather: 2 sessions$", seen["after gather"], re.M)
-    # the first dream call is reported at once, the rest when the round ends
-    assert re.search(rf"^{STAMP}dream 1/3 windows, 2 candidates$", seen["after dreams"], re.M)
-    assert "dream 3/3" not in seen["after dreams"]
-    assert re.search(rf"^{STAMP}dream 3/3 windows, 6 candidates$", seen["after verify"], re.M)
+    # the first note-taker call is reported at once, the rest when the round ends
+    assert re.search(rf"^{STAMP}note-taker 1/7 turns, 2 notes$", seen["after reads"], re.M)
+    assert "note-taker 3/7" not in seen["after reads"]
+    assert re.search(rf"^{STAMP}note-taker 3/7 turns, 6 notes$", seen["after verify"], re.M)
     assert re.search(rf"^{STAMP}verify 5 calls: 4 passed, 1 failed, 0 rejected$",
                      seen["after verify"], re.M)                       # every 5 calls
     assert re.search(rf"^{STAMP}verify 7 calls: 4 passed, 2 failed, 1 rejected$",
@@ -109,7 +121,7 @@ def test_night_json_is_the_summary_alone_on_stdout(plain_config, monkeypatch):
                "deleted": 0, "forge": {"skipped": "forge disabled"}, "seconds": 1.5}
 
     async def run_night(settings, runtime=None, on_update=None, on_train=None, **kw):
-        on_update("gather", {"sessions": [SimpleNamespace(messages=[None] * 3)]})
+        on_update("gather", {"sessions": [day_session("s1", 2)]})
         print("a library talking on stdout")
         on_update("learn", {"forge": summary["forge"]})
         return summary
