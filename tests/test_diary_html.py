@@ -152,7 +152,7 @@ def test_threads_follow_each_candidate_to_its_outcome():
     assert memory_id_of(OLD_STYLE) == memory_id(OLD_STYLE)
     assert [v.step.agent for v in by_id[REJECTED].steps] == [
         "dreamer", "verifier", "reshaper", "verifier", "subconscious"]
-    assert by_id[REJECTED].title == "What is the user's dog called? — Biscuit"
+    assert by_id[REJECTED].title == "What is the user's dog called? → Biscuit"
     assert [v.step.step_id for v in by_id[""].steps] == ["gather", "route:s1", "handoff"]
 
 
@@ -246,3 +246,21 @@ def test_chromium_loads_the_page_and_the_filter_in_its_address_applies(data_dir,
     assert shown == ["persona"]
     counter = next(a for tag, a in vetoed.tags if a.get("id") == "shown")
     assert counter["data-shown"] == "1"
+
+
+def test_a_notes_thread_holds_its_reading_and_leads_with_the_note():
+    """A note's candidate (``<session>:<turn>:n<k>``) gets the note-taker's step of its turn
+    at its head, and its title is the note, then its question and answer."""
+    from reverie.memory.diary_html import threads
+
+    cid = "s1:t1:n0"
+    made = {"id": cid, "text": "The user's dog is called Biscuit.",
+            "question": "What's my dog called?", "answer": "Your dog is called Biscuit."}
+    steps = [DiaryStep(step_id="read:s1:t1", night_id="n", agent="notetaker", session_id="s1",
+                       verdict="1 note", raw_output="- The user's dog is called Biscuit."),
+             DiaryStep(step_id=f"verify:{cid}:0", night_id="n", agent="verifier",
+                       candidate_id=cid, verdict="passed", produced=[made])]
+    [thread] = threads(steps)
+    assert [v.step.agent for v in thread.steps] == ["notetaker", "verifier"]
+    assert thread.title == ("The user's dog is called Biscuit. — What's my dog called? "
+                            "→ Your dog is called Biscuit.")
