@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from reverie.agents.common import AgentCall, call_text
-from reverie.agents.verifier import _stem, salient
+from reverie.agents.verifier import stem, salient
 from reverie.memory.records import Candidate, Message, Session, transcript_of
 
 VARIABLES = frozenset({"context", "turn"})
@@ -127,7 +127,7 @@ def restates_context(note: str, turn: Message, earlier: list[Message]) -> list[s
     names = sorted(w for w in must if w.lower() not in here and w.lower() in before)
     if names:
         return names
-    missing = sorted(w for w in content if w not in here and _stem(w) not in here)
+    missing = sorted(w for w in content if w not in here and stem(w) not in here)
     if content and len(missing) > len(content) / 2 and all(w in before for w in missing):
         return missing
     return []

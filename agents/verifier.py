@@ -172,7 +172,7 @@ def _content_words(text: str) -> set[str]:
             if len(w) > 2 and _bare(w).lower() not in _STOP}
 
 
-def _stem(word: str) -> str:
+def stem(word: str) -> str:
     """Crude stem: "works" -> "work", "dogs" -> "dog", "moved" -> "mov" (found in "move")."""
     for suffix in ("ing", "ed", "es", "s"):
         short = suffix == "s" and len(word) > 3 and not word.endswith("ss")
@@ -200,10 +200,10 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
     absent = sorted(w for w in must if w.lower() not in source)
     if absent:
         reasons.append(f"not in the cited turns ({', '.join(candidate.cites)}): {', '.join(absent)}")
-    found_content = {w for w in content if w in source or _stem(w) in source}
+    found_content = {w for w in content if w in source or stem(w) in source}
     asked = {_bare(w).lower() for w in _WORD.findall(candidate.question) if len(w) > 2
              and w.lower() not in _STOP}
-    unasked = sorted(w for w in asked if _stem(w) not in source)
+    unasked = sorted(w for w in asked if stem(w) not in source)
     if asked and len(unasked) > len(asked) / 2:
         reasons.append("the question is about something the cited turns do not mention: "
                        + ", ".join(unasked))
@@ -211,7 +211,7 @@ def grounding_check(candidate: Candidate, session: Session) -> tuple[float, list
     # (measured: "The user owns a submarine", from an injected turn, answered a question
     # about the cello and passed on the statement's words)
     said = _content_words(candidate.answer) if candidate.kind == "fact" else set()
-    unsaid = sorted(w for w in said if w not in source and _stem(w) not in source)
+    unsaid = sorted(w for w in said if w not in source and stem(w) not in source)
     if said and len(unsaid) > len(said) / 2:
         reasons.append(f"the answer is not in the cited turns ({', '.join(candidate.cites)}): "
                        + ", ".join(unsaid))
@@ -288,7 +288,7 @@ def attribution(candidate: Candidate, session: Session) -> str:
         if m is None or m.role != "user":
             continue
         for clause in _CLAUSE.split(m.content):
-            found = {w for w in words if w in clause.lower() or _stem(w) in clause.lower()}
+            found = {w for w in words if w in clause.lower() or stem(w) in clause.lower()}
             if len(found) > overlap:
                 best, overlap = clause, len(found)
     if not best or _clause_speaks_of_self(best):
@@ -321,7 +321,7 @@ def _topic_words(text: str) -> set[str]:
     """Stems of a text's words of three letters or more but function words: what two
     phrasings of one fact share ("Where do I live?" and "The user lives in Porto" share
     "live")."""
-    return {_stem(_bare(w).lower()) for w in _WORD.findall(text)
+    return {stem(_bare(w).lower()) for w in _WORD.findall(text)
             if len(w) > 2 and _bare(w).lower() not in _FUNCTION}
 
 
@@ -389,7 +389,7 @@ def dream_checks(candidate: Candidate, most_phrasings: int = 12,
     words = _content_words(note)
     note_names = {w.lower() for w in _names(note)} | set(_NUMBER.findall(note))
     # what a neighbour question may share: the note's topic, not its names
-    topic = _topic_words(note) - {_stem(n) for n in note_names}
+    topic = _topic_words(note) - {stem(n) for n in note_names}
     dropped: list[str] = []
     said = _topic_words(note)
 
@@ -417,7 +417,7 @@ def dream_checks(candidate: Candidate, most_phrasings: int = 12,
     phrasings = [p for p in kept if p != main][:most_phrasings]
     neighbours = _sift(candidate.neighbours, neighbour_fault, "neighbour", dropped)
     unsaid = sorted(w for w in _content_words(candidate.answer) - words
-                    if _stem(w) not in note_low)
+                    if stem(w) not in note_low)
     if unsaid:
         dropped.append(f"answer {candidate.answer!r} says what the note does not: "
                        + ", ".join(unsaid))

@@ -83,30 +83,28 @@ from bench_extraction import (  # noqa: E402  (benchmarks/ is not a package)
 # -- days, gold lists, settings ----------------------------------------------------------
 
 
+def _named(name: str, suffix: str, what: str) -> Path:
+    """``DAYS/<name><suffix>`` when ``name`` is a bare name of a shipped file there, else
+    ``name`` as a path. Raises FileNotFoundError naming both places."""
+    named = DAYS / f"{name}{suffix}"
+    if "/" not in name and named.exists():
+        return named
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: neither a {what} in {DAYS} nor a file")
+    return path.resolve()
+
+
 def day_file(day: str) -> Path | None:
     """The day log ``--day`` names: None for ``sample`` (``reverie ingest --sample``), a
     shipped day by name (``dev1`` -> ``benchmarks/data/days/dev1.jsonl``), else a path."""
-    if day == SAMPLE:
-        return None
-    named = DAYS / f"{day}.jsonl"
-    if "/" not in day and named.exists():
-        return named
-    path = Path(day)
-    if not path.exists():
-        raise FileNotFoundError(f"{day}: neither a day in {DAYS} nor a file")
-    return path.resolve()
+    return None if day == SAMPLE else _named(day, ".jsonl", "day")
 
 
 def gold_file(gold: str) -> Path:
     """The gold list ``--gold`` names: ``dev1`` -> ``benchmarks/data/days/dev1.gold.json``
     (``sample`` -> ``sample.gold.json``), else a path."""
-    named = DAYS / f"{gold}.gold.json"
-    if "/" not in gold and named.exists():
-        return named
-    path = Path(gold)
-    if not path.exists():
-        raise FileNotFoundError(f"{gold}: neither a gold list in {DAYS} nor a file")
-    return path
+    return _named(gold, ".gold.json", "gold list")
 
 
 def gold_for_day(day: str) -> Path:
