@@ -420,7 +420,8 @@ def _consolidate(state: NightState, runtime: Runtime[NightDeps]) -> dict:
     for request in forget:  # only ever on the user's explicit request
         why = f"forget request in {request.session_id}/{request.turn_id} (night {night_id})"
         for memory, sim in memories_like(deps.store, deps.index, request.user_id,
-                                         request.target, deps.night.forget_similarity):
+                                         request.target, deps.night.forget_similarity,
+                                         values=request.values):
             for memory_id in forget_memory(deps.store, deps.index, memory.id, reason=why,
                                            request=request.text):
                 ops.deleted.append(memory_id)

@@ -97,13 +97,15 @@ def asks_to_forget(target: str, record, similarity: Callable[[str, str], float],
 
 
 def memories_like(store: MemoryStore, index: MemoryIndex, user_id: str, text: str,
-                  min_similarity: float, k: int = 10) -> list[tuple[Memory, float]]:
+                  min_similarity: float, k: int = 10,
+                  values: Iterable[str] = ()) -> list[tuple[Memory, float]]:
     """The user's current memories whose statement is at least ``min_similarity`` (cosine,
     the ``night.forget_similarity`` scale) like ``text``, most similar first, at most ``k``,
     and every one of them that carries the numbers or names ``text`` gives
-    (:func:`forget_keys`, with similarity 1.0): what "forget ``text``" means."""
+    (:func:`forget_keys`, with similarity 1.0), or one of ``values`` (what a request named
+    by kind): what "forget ``text``" means."""
     out: dict[str, tuple[Memory, float]] = {}
-    keys = forget_keys(text)
+    keys = forget_keys(text) | {k for v in values for k in forget_keys(f" {v}")}
     if keys:
         for memory in store.list(user_id=user_id):
             if carries(texts_of(memory), keys):
